@@ -1,0 +1,51 @@
+"""Errors that name the problem and the fix.
+
+Every error raised on purpose by influencekit derives from :class:`InfluenceKitError`, which is
+a ``ValueError`` so that existing ``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+
+class InfluenceKitError(ValueError):
+    """Base class of every deliberate influencekit error."""
+
+
+class NonFiniteError(InfluenceKitError):
+    """A loss, gradient or curvature value is NaN or infinite.
+
+    ``index`` is the position of the first offending example in the data set (or ``None`` when
+    the value is not tied to one example).
+    """
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+class TaskOutputShapeError(InfluenceKitError):
+    """A Task returned a per-example loss or measurement of the wrong shape."""
+
+
+class NoTrainableParametersError(InfluenceKitError):
+    """The Target selected no parameter that requires gradients."""
+
+
+class EmptyDatasetError(InfluenceKitError):
+    """A data set handed to influencekit holds no example."""
+
+
+class CurvatureTooLargeError(InfluenceKitError):
+    """A dense curvature matrix would not fit in the memory budget."""
+
+
+class NotFittedError(InfluenceKitError):
+    """A method that needs fitted state was called before ``fit``."""
+
+
+class StoreError(InfluenceKitError):
+    """A store on disk is missing, corrupt, or belongs to another model or configuration."""
+
+
+class ConvergenceError(InfluenceKitError):
+    """An iterative solver or optimiser did not reach its tolerance."""

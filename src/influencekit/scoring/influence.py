@@ -1,0 +1,94 @@
+"""Influence: scores of training examples on measurements, through any fitted inverse.
+
+Shapes, sign and scale (see ``influencekit.conventions``):
+
+- ``pairwise(query, train)`` -> ``[n_query, n_train]``, s = g_qᵀ (C + λI)⁻¹ g_m, no 1/n.
+  With the loss as measurement, s > 0 means the training example helped (upweighting it lowers
+  the query loss); the predicted change when it is removed is +s / n.
+- ``self_influence(train)`` -> ``[n_train]``, g_mᵀ (C + λI)⁻¹ g_m ≥ 0 for a PSD curvature.
+- ``parameter_influence(train)`` -> ``[n_train, p]``, ∂θ/∂w_m = −(1/n)(C + λI)⁻¹ g_m.
+
+Training gradients are g_m = ∇ℓ(z_m) + ∇R(θ̂) (the regulariser gradient is included because the
+loss is a weighted MEAN that renormalises when a weight changes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..grads.stream import gradients, iter_gradients
+from ..inverse.base import InverseCurvature
+from ..runtime import Runtime, resolve_runtime
+from ..task.target import Target
+
+
+class Influence:
+    """Influence scores of a Target through a fitted inverse curvature."""
+
+    def __init__(self, target: Target, inverse: InverseCurvature):
+        self.target = target
+        self.inverse = inverse
+
+    def _check(self):
+        self.inverse.check_fitted()
+        if self.inverse.param_space_ != self.target.space:
+            raise ValueError(
+                "the inverse was fitted for other parameters "
+                f"({list(self.inverse.param_space_.names)[:4]}...) than this Target selects "
+                f"({list(self.target.space.names)[:4]}...); fit it on a Curvature of this Target.")
+
+    @property
+    def n_train(self) -> float:
+        """n of the conventions table: Σ w of the data the curvature was fitted on."""
+        return self.inverse.n_train_
+
+    # -- gradients ----------------------------------------------------------------------------
+    def train_gradients(self, train, runtime: Runtime | None = None) -> torch.Tensor:
+        """g_m = ∇ℓ(z_m) + ∇R, ``[n_train, p]``."""
+        return gradients(self.target, train, runtime, which="loss", desc="train gradients")
+
+    def query_gradients(self, query, runtime: Runtime | None = None) -> torch.Tensor:
+        """g_q = ∇f(z_q) of the Task's measurement, ``[n_query, p]``."""
+        return gradients(self.target, query, runtime, which="measurement",
+                         desc="query gradients")
+
+    def precondition(self, query, runtime: Runtime | None = None) -> torch.Tensor:
+        """(C + λI)⁻¹ g_q, ``[n_query, p]``."""
+        self._check()
+        return self.inverse.solve(self.query_gradients(query, runtime))
+
+    # -- scores -------------------------------------------------------------------------------
+    def pairwise(self, query, train, runtime: Runtime | None = None) -> torch.Tensor:
+        """Scores ``[n_query, n_train]``: s = g_qᵀ (C + λI)⁻¹ g_m (sign and scale: module doc).
+
+        Training gradients are streamed batch by batch; only the preconditioned queries are held.
+        """
+        runtime = resolve_runtime(runtime)
+        pre = self.precondition(query, runtime)
+        blocks = [pre @ g.to(pre.dtype).T
+                  for _, g in iter_gradients(self.target, train, runtime, which="loss",
+                                             desc="scoring train")]
+        return torch.cat(blocks, dim=1)
+
+    def self_influence(self, train, runtime: Runtime | None = None) -> torch.Tensor:
+        """g_mᵀ (C + λI)⁻¹ g_m for each training example, ``[n_train]``."""
+        self._check()
+        out = []
+        for _, g in iter_gradients(self.target, train, runtime, which="loss",
+                                   desc="self-influence"):
+            out.append((self.inverse.solve(g) * g).sum(dim=1))
+        return torch.cat(out)
+
+    def parameter_influence(self, train, runtime: Runtime | None = None) -> torch.Tensor:
+        """∂θ/∂w_m = −(1/n)(C + λI)⁻¹ g_m for each example, ``[n_train, p]``."""
+        self._check()
+        return -self.inverse.solve(self.train_gradients(train, runtime)) / self.n_train
+
+    def hypothetical(self, query, examples, runtime: Runtime | None = None) -> torch.Tensor:
+        """Scores ``[n_query, k]`` of k examples that are NOT in the training set.
+
+        ``examples`` is data in the same layout as the training data (e.g. a tuple ``(x, y)`` of
+        tensors with k rows). The score has the same meaning as in :meth:`pairwise`: −s/n is the
+        first-order change of f per unit of weight given to the new example.
+        """
+        return self.pairwise(query, examples, runtime)

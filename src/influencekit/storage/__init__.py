@@ -1,0 +1,5 @@
+"""Files: safetensors + JSON manifest."""
+
+from .store import load_inverse, load_tensors, save_inverse, save_tensors
+
+__all__ = ["save_tensors", "load_tensors", "save_inverse", "load_inverse"]
