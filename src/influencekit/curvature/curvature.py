@@ -61,11 +61,17 @@ class Curvature:
         w = check_weights(self.weights, n, runtime)
         return float(n if w is None else w.sum())
 
-    def _setup(self, runtime: Runtime):
+    def _setup(self, runtime: Runtime, at: torch.Tensor | None):
         dtype = compute_dtype(self.target, runtime)
         loader = self.loader(runtime)
         weights = check_weights(self.weights, num_examples(loader), runtime)
-        flat = self.target.flat_params(dtype, runtime.device)
+        if at is None:
+            flat = self.target.flat_params(dtype, runtime.device)
+        else:
+            if at.shape != (self.target.num_params,):
+                raise ValueError(f"at= must be flat parameters [p] = [{self.target.num_params}],"
+                                 f" got {tuple(at.shape)}")
+            flat = at.detach().to(dtype=dtype, device=runtime.device)
         return dtype, loader, weights, flat
 
     # -- dense --------------------------------------------------------------------------------
@@ -82,11 +88,13 @@ class Curvature:
                 "Exact (ik.CG, ik.LiSSA, ik.Arnoldi, ik.EKFAC), or restrict the parameters with "
                 "Target(params=[...]).")
 
-    def dense(self, runtime: Runtime | None = None) -> torch.Tensor:
-        """The matrix C, ``[p, p]`` float64 (symmetrised)."""
+    def dense(self, runtime: Runtime | None = None, *, at: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """The matrix C, ``[p, p]`` float64 (symmetrised), at the Target's parameters or at
+        flat parameters ``at [p]``."""
         runtime = resolve_runtime(runtime)
         self.check_dense_fits(runtime)
-        dtype, loader, weights, flat = self._setup(runtime)
+        dtype, loader, weights, flat = self._setup(runtime, at)
         p = flat.numel()
         total = torch.zeros(p, p, dtype=torch.float64, device=runtime.device)
         weight_sum = 0.0
@@ -128,10 +136,12 @@ class Curvature:
                              flat)
 
     # -- matrix-free --------------------------------------------------------------------------
-    def matvec(self, vectors: torch.Tensor, runtime: Runtime | None = None) -> torch.Tensor:
-        """C v for ``vectors [p]`` or ``[k, p]`` (same shape out), one pass over the data."""
+    def matvec(self, vectors: torch.Tensor, runtime: Runtime | None = None, *,
+               at: torch.Tensor | None = None) -> torch.Tensor:
+        """C v for ``vectors [p]`` or ``[k, p]`` (same shape out), one pass over the data;
+        at the Target's parameters or at flat parameters ``at [p]``."""
         runtime = resolve_runtime(runtime)
-        dtype, loader, weights, flat = self._setup(runtime)
+        dtype, loader, weights, flat = self._setup(runtime, at)
         single = vectors.dim() == 1
         vs = (vectors[None] if single else vectors).to(dtype=dtype, device=runtime.device)
         total = torch.zeros_like(vs)

@@ -56,14 +56,15 @@ def measure(target: Target, flat: torch.Tensor, query, runtime: Runtime) -> torc
 
 
 def response_curve(target: Target, train, index: int, epsilons, query, *,
-                   parameter_influence: torch.Tensor | None = None,
+                   weights=None, parameter_influence: torch.Tensor | None = None,
                    inverse=None, runtime: Runtime | None = None,
                    grad_tol: float = 1e-10) -> ResponseCurve:
     """Re-optimise for each ε and return the real response beside its tangent.
 
     The tangent needs ∂θ/∂w_m ``[p]``: pass it as ``parameter_influence`` or pass a fitted
-    ``inverse`` (whose damping then enters the prediction). The Target's parameters must be
-    the optimum θ̂ of the unweighted objective.
+    ``inverse`` (whose damping then enters the prediction). ``weights [n]`` are the base
+    weights (default ones; example ``index`` gets ``weights[index] + ε``). The Target's
+    parameters must be the optimum θ̂ of the objective with the base weights.
     """
     runtime = resolve_runtime(runtime)
     n = num_examples(as_loader(train, runtime, "training data"))
@@ -83,8 +84,10 @@ def response_curve(target: Target, train, index: int, epsilons, query, *,
                         which="measurement")
     df = g_query @ dtheta
     thetas, values = [], []
+    base = (torch.ones(n, dtype=torch.float64) if weights is None
+            else torch.as_tensor(weights, dtype=torch.float64))
     for e in runtime.bar(eps.tolist(), desc=f"response of example {index}"):
-        w = torch.ones(n, dtype=torch.float64)
+        w = base.clone()
         w[index] += e
         result = minimize(target, train, weights=w, init=theta_hat, runtime=runtime,
                           grad_tol=grad_tol)
