@@ -35,6 +35,9 @@ def iter_gradients(target: Target, data, runtime: Runtime | None = None, *,
     reg_grad = _regularizer_gradient(target, params) if which == "loss" else None
     loader = as_loader(data, runtime, "query data" if which == "measurement" else "training data")
     for start, batch, _ in batches(loader, runtime, dtype, desc=desc):
+        if start == 0:
+            with torch.no_grad():  # shape check on the whole first batch (vmap sees one example)
+                fn(params, batch)
         values, grads = per_example_gradients(fn, params, batch)
         flat = target.space.flatten(grads, batch_dims=1)
         check_finite(values, flat, start, which)

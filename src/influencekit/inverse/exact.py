@@ -28,7 +28,8 @@ class Exact(InverseCurvature):
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
         matrix = curvature.dense(runtime)
-        self.eigenvalues_, self.eigenvectors_ = torch.linalg.eigh(matrix)
+        values, vectors = torch.linalg.eigh(matrix)
+        self.eigenvalues_, self.eigenvectors_ = values, vectors.contiguous()
         self._report()
 
     def _report(self):
