@@ -101,3 +101,22 @@ def test_response_curve_endpoint_is_leave_one_out():
     np.testing.assert_allclose(curve.theta[1].numpy(), curve.theta_hat.numpy(), atol=1e-10)
     np.testing.assert_allclose(curve.predicted_theta[2].numpy(),
                                curve.theta_hat.numpy() + 0.5 * np.array(answer.param_influence[0]))
+
+
+def test_hypothetical_example_matches_reoptimised_response():
+    """A point NOT in the training set: give it weight ε (base weight 0) and re-optimise."""
+    target, (x, y), query = breast_cancer_logreg(n_train=50, n_query=4)
+    inverse = ik.Exact().fit(ik.Curvature(target, (x, y), kind="hessian"))
+    new_x, new_y = x[:1] * 0.5 + 0.3, 1 - y[:1]      # an off-distribution, relabelled point
+    scores = ik.Influence(target, inverse).hypothetical(query, (new_x, new_y))[:, 0]
+    extended = (torch.cat([x, new_x]), torch.cat([y, new_y]))
+    base = torch.ones(51, dtype=torch.float64)
+    base[50] = 0.0
+    h = 1e-4
+    curve = ik.response_curve(target, extended, 50, [h, 2 * h], query, weights=base,
+                              parameter_influence=torch.zeros(target.num_params),
+                              grad_tol=1e-13)
+    # one-sided second-order difference (ε must stay >= 0): f'(0) ≈ (4f(h) − f(2h) − 3f(0))/2h
+    slope = (4 * curve.measurement[0] - curve.measurement[1] - 3 * curve.measurement_hat) / (2 * h)
+    torch.testing.assert_close(slope, ik.conventions.weight_derivative(scores, 50.0),
+                               atol=1e-5, rtol=1e-5)
