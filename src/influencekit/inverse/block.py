@@ -124,7 +124,7 @@ class BlockDiagonal(InverseCurvature):
         InverseCurvature.check_fitted(self)
         for block in self.blocks_:
             if getattr(block, "lazy", False):
-                block.attach(restrict(curvature, list(block.param_space_.names)), runtime)
+                block.attach(restrict(curvature, block.fit_info_["names"]), runtime)
         return self
 
     # -- persistence --------------------------------------------------------------------------
