@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from inverse_problems import PROBLEMS
 
 import influencekit as ik
 from influencekit.errors import NotFittedError
 from influencekit.storage import load_inverse, save_inverse
+from inverse_problems import PROBLEMS
 
 
 @dataclass

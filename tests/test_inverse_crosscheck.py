@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from inverse_problems import blocks_problem, diagonal_problem, low_rank_problem
 from torch import nn
 
 import influencekit as ik
 from influencekit.errors import ConvergenceError
 from influencekit.storage import load_inverse, save_inverse
+from inverse_problems import blocks_problem, diagonal_problem, low_rank_problem
 
 DAMPING = 1e-2
 
@@ -126,7 +126,7 @@ def test_lissa_stochastic_mean_approaches_fixed_point(mlp):
     lissa = ik.LiSSA(damping=damping, scale=scale, depth=150, repeats=8, num_samples=10)
     out = lissa.fit(curvature).solve(g)
     assert not lissa.deterministic
-    assert _rel(out, expected) < 0.25
+    assert _rel(out, expected) < 0.05  # observed 0.005 (seeded)
 
 
 def test_diagonal_equals_exact_on_diagonal_curvature():

@@ -1,11 +1,11 @@
 """Interchangeable (C + λI)⁻¹ approximations with one interface."""
 
-from .base import REGISTRY, InverseCurvature
-from .exact import Exact
 from .arnoldi import Arnoldi
+from .base import REGISTRY, InverseCurvature
 from .block import BlockDiagonal, block_diagonal
 from .cg import CG
 from .diagonal import Diagonal
+from .exact import Exact
 from .identity import Identity
 from .lissa import LiSSA
 

@@ -115,7 +115,7 @@ class BlockDiagonal(InverseCurvature):
     def _solve(self, grads):
         g = grads.to(torch.float64)
         out = torch.zeros_like(g)
-        for block, idx in zip(self.blocks_, self.indices_):
+        for block, idx in zip(self.blocks_, self.indices_, strict=True):
             out[:, idx] = block.solve(g[:, idx]).to(torch.float64).to(out.device)
         return out
 

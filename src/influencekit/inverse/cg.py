@@ -37,7 +37,7 @@ class CG(LazyInverse):
     indefinite Hessian) raises :class:`ConvergenceError`.
     """
 
-    def __init__(self, damping: float = 0.0, max_iter: int = 100, tol: float = 1e-8,
+    def __init__(self, damping: float = 0.0, max_iter: int = 100, tol: float = 1e-6,
                  on_failure: str = "warn"):
         self.damping = damping
         self.max_iter = max_iter
