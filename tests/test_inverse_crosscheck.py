@@ -261,3 +261,46 @@ def test_lazy_methods_store_no_tensors_and_need_attach(mlp, tmp_path):
     other = _mlp_curvature("fisher")
     with pytest.raises(ik.errors.StoreError, match="same kind"):
         loaded.attach(other)
+
+
+def test_diagonal_hutchinson_is_unbiased(mlp):
+    """Each entry of the estimate lies within 5 standard errors of diag(C) (Rademacher probes:
+    Var z_i (Cz)_i = Σ_{j≠i} C_ij²)."""
+    curvature, dense = mlp
+    probes = 64
+    diag = ik.Diagonal(damping=DAMPING, estimator="hutchinson", probes=probes).fit(curvature)
+    off = dense - torch.diag(torch.diagonal(dense))
+    std_error = ((off**2).sum(dim=1) / probes).sqrt()
+    assert bool(((diag.diagonal_ - torch.diagonal(dense)).abs() <= 5 * std_error + 1e-12).all())
+    assert diag.fit_info_["estimator"] == "hutchinson"
+
+
+def test_influence_scores_agree_across_methods(mlp):
+    """Through the scorer: CG, full-rank Arnoldi and LiSSA give Exact's pairwise scores."""
+    curvature, dense = mlp
+    target, (x, y) = curvature.target, curvature.data
+    query, train = (x[:4], y[:4]), (x, y)
+    damping = 0.1
+    exact = ik.Influence(target, ik.Exact(damping=damping).fit(curvature)).pairwise(query, train)
+    p = dense.shape[0]
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    others = [ik.CG(damping=damping, tol=1e-12, max_iter=4 * p),
+              ik.Arnoldi(damping=damping, rank=p, n_iter=p),
+              ik.LiSSA(damping=damping, scale=1.1 * (top + damping), depth=200)]
+    for method in others:
+        scores = ik.Influence(target, method.fit(curvature)).pairwise(query, train)
+        assert scores.shape == (4, 20)
+        assert _rel(scores, exact) < 1e-6, type(method).__name__
+
+
+def test_lissa_minibatches_from_a_dataloader_match_tensor_data(mlp):
+    """The same seed draws the same minibatches whether the data is tensors or a DataLoader."""
+    curvature, dense = mlp
+    x, y = curvature.data
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
+    from_loader = ik.Curvature(curvature.target, loader, kind="ggn")
+    g = _rows(dense.shape[0], k=2)
+    settings = dict(damping=0.1, scale=2.0, depth=20, num_samples=8, seed=5)
+    a = ik.LiSSA(**settings).fit(curvature).solve(g)
+    b = ik.LiSSA(**settings).fit(from_loader).solve(g)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

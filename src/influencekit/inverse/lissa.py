@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from ..curvature import Curvature
 from ..errors import ConvergenceError
@@ -110,7 +110,11 @@ class LiSSA(LazyInverse):
         if sub_weights is not None and float(sub_weights.sum()) <= 0:
             raise ValueError("a LiSSA minibatch drew only zero-weight examples; increase "
                              "num_samples (or drop zero-weight examples from the data).")
-        return Curvature(c.target, Subset(dataset, idx.tolist()), c.kind, sub_weights)
+        subset = Subset(dataset, idx.tolist())
+        if isinstance(c.data, DataLoader):  # keep the user's collate function
+            subset = DataLoader(subset, batch_size=c.data.batch_size or self.runtime_.batch_size,
+                                shuffle=False, collate_fn=c.data.collate_fn)
+        return Curvature(c.target, subset, c.kind, sub_weights)
 
     def _check_divergence(self, x, g_norm, t, prev_steps, steps):
         norms = x.norm(dim=1)
