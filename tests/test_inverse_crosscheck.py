@@ -304,3 +304,16 @@ def test_lissa_minibatches_from_a_dataloader_match_tensor_data(mlp):
     a = ik.LiSSA(**settings).fit(curvature).solve(g)
     b = ik.LiSSA(**settings).fit(from_loader).solve(g)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_diagonal_auto_avoids_dense_when_over_budget():
+    curvature = _mlp_curvature("fisher")
+    small = ik.Runtime(max_dense_bytes=1000)
+    diag = ik.Diagonal(damping=DAMPING).fit(curvature, small)
+    assert diag.fit_info_["estimator"] == "gradients"
+    torch.testing.assert_close(diag.diagonal_, torch.diagonal(curvature.dense()),
+                               rtol=1e-10, atol=1e-13)
+    ggn = ik.Diagonal(damping=1.0, probes=8).fit(_mlp_curvature("ggn"), small)
+    assert ggn.fit_info_["estimator"] == "hutchinson"
+    with pytest.raises(ValueError, match="Fisher only"):
+        ik.Diagonal(estimator="gradients").fit(_mlp_curvature("ggn"))
