@@ -137,7 +137,8 @@ class LiSSA(LazyInverse):
             f"{_fmt(10 * bound * g_norm[bad].max())}). The scale {self.scale:g} is below the "
             "largest eigenvalue of C + λI (or of a minibatch curvature): increase scale, e.g. "
             f"LiSSA(scale={suggestion:g}, ...) and raise depth in proportion, or use larger "
-            "minibatches (num_samples).")
+            "minibatches (num_samples). If C + λI has negative eigenvalues (kind='hessian' of a "
+            "non-convex loss) no scale converges: increase damping or use kind='ggn'.")
 
 
 def _fmt(value) -> str:
