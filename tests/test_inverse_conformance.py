@@ -2,6 +2,11 @@
 
 To add a method, append a ``Case`` to ``CASES``: a factory ``damping -> unfitted inverse``, the
 problem on which the method is exact (or close), and the relative tolerance it must meet there.
+Problems (``inverse_problems.PROBLEMS``): "dense" (Linear(4, 2) + L2, full non-diagonal A),
+"diagonal" (diagonal A), "low_rank" (a single Linear(6, 1) with one output and 3 examples: rank 3
+of p = 7, where a Kronecker factorisation is exact), "zero" (A = 0), "blocks" (block-diagonal A
+over two modules). Lazy methods (no stored tensors) are re-attached to the curvature after loading
+in the round-trip test.
 """
 
 from __future__ import annotations
