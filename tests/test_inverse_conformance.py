@@ -21,7 +21,8 @@ import torch
 import influencekit as ik
 from influencekit.errors import NotFittedError
 from influencekit.storage import load_inverse, save_inverse
-from inverse_problems import PROBLEMS
+
+from .inverse_problems import PROBLEMS
 
 
 @dataclass

@@ -12,7 +12,8 @@ from torch import nn
 import influencekit as ik
 from influencekit.errors import ConvergenceError
 from influencekit.storage import load_inverse, save_inverse
-from inverse_problems import blocks_problem, diagonal_problem, low_rank_problem
+
+from .inverse_problems import blocks_problem, diagonal_problem, low_rank_problem
 
 DAMPING = 1e-2
 
