@@ -6,7 +6,8 @@ import torch
 
 from ..errors import InfluenceKitError
 from ..func.products import hessian_vector_products
-from ..grads.data import batches
+from ..grads.data import batches, check_weights, num_examples
+from ..grads.stream import compute_dtype
 from ..task.regularizer import L2Regularizer
 from .arnoldi import PROBE_CHUNK
 from .base import InverseCurvature
@@ -93,7 +94,10 @@ class Diagonal(InverseCurvature):
 
 def gradient_diagonal(curvature, runtime) -> torch.Tensor:
     """Exact diag of a (empirical) Fisher: ``Σ_i w_i Σ_y p(y) g_i(y)² / Σw + diag(∇²R)``."""
-    dtype, loader, weights, flat = curvature._setup(runtime)
+    dtype = compute_dtype(curvature.target, runtime)
+    loader = curvature.loader(runtime)
+    weights = check_weights(curvature.weights, num_examples(loader), runtime)
+    flat = curvature.target.flat_params(dtype, runtime.device)
     total = torch.zeros(flat.numel(), dtype=torch.float64, device=flat.device)
     weight_sum = 0.0
     for _, batch, w in batches(loader, runtime, dtype, weights, desc="diagonal"):
