@@ -13,6 +13,12 @@ Sign and scale of every score: ``influencekit.conventions``.
 from . import conventions, errors
 from .curvature import Curvature
 from .inverse import Exact, InverseCurvature
+from .inverse.arnoldi import Arnoldi
+from .inverse.block import BlockDiagonal, block_diagonal
+from .inverse.cg import CG
+from .inverse.diagonal import Diagonal
+from .inverse.identity import Identity
+from .inverse.lissa import LiSSA
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
 from .scoring import Influence
@@ -26,3 +32,4 @@ __all__ = [
     "response_curve", "leave_one_out", "minimize", "write_params",
     "conventions", "errors", "__version__",
 ]
+__all__ += ["CG", "LiSSA", "Arnoldi", "Diagonal", "Identity", "BlockDiagonal", "block_diagonal"]
