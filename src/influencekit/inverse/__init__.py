@@ -2,5 +2,7 @@
 
 from .base import REGISTRY, InverseCurvature
 from .exact import Exact
+from .kfac import EKFAC, KFAC
 
 __all__ = ["InverseCurvature", "Exact", "REGISTRY"]
+__all__ += ["KFAC", "EKFAC"]
