@@ -1,4 +1,5 @@
-"""Layer hooks: per-example gradients by hooks equal torch.func (vmap) and a loop; hooks never stay."""
+"""Layer hooks: per-example gradients by hooks equal torch.func (vmap) and a loop;
+hooks never stay."""
 
 import pytest
 import torch

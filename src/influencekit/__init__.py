@@ -12,8 +12,7 @@ Sign and scale of every score: ``influencekit.conventions``.
 
 from . import conventions, errors
 from .curvature import Curvature
-from .inverse import Exact, InverseCurvature
-from .inverse import EKFAC, KFAC
+from .inverse import EKFAC, KFAC, Exact, InverseCurvature
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
 from .scoring import Influence

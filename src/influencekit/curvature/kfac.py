@@ -35,8 +35,14 @@ import torch
 
 from ..errors import InfluenceKitError, NonFiniteError
 from ..grads.data import batches, check_weights, num_examples
-from ..grads.hooks import (HookedLayer, LayerCapture, layer_activations, layer_modules,
-                           layer_output_grads, live_params)
+from ..grads.hooks import (
+    HookedLayer,
+    LayerCapture,
+    layer_activations,
+    layer_modules,
+    layer_output_grads,
+    live_params,
+)
 from ..grads.stream import compute_dtype
 from ..runtime import Runtime
 from ..task.target import _cast_floating

@@ -187,7 +187,7 @@ class LayerCapture:
 
 # -- token views ---------------------------------------------------------------------------------
 def layer_activations(layer: HookedLayer, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``a [B, T, width]``: the layer's inputs as tokens, with a trailing 1 if the bias is selected."""
+    """``a [B, T, width]``: the inputs as tokens, with a trailing 1 if the bias is selected."""
     if layer.kind == "conv2d":
         tokens = _unfold(module, x).transpose(1, 2)
     else:

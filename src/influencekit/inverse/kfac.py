@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..curvature.kfac import (LabelSampler, eigenvalue_corrections, kronecker_factors,
-                              label_mode)
+from ..curvature.kfac import LabelSampler, eigenvalue_corrections, kronecker_factors, label_mode
 from ..errors import InfluenceKitError
 from ..grads.hooks import HookedLayer, find_layers, layer_index
 from ..task.regularizer import L2Regularizer
@@ -56,9 +55,9 @@ class _KroneckerInverse(InverseCurvature):
             ea, qa = torch.linalg.eigh(a)
             es, qs = torch.linalg.eigh(s)
             self.a_eigenvalues_.append(ea)
-            self.a_eigenvectors_.append(qa)
+            self.a_eigenvectors_.append(qa.contiguous())
             self.s_eigenvalues_.append(es)
-            self.s_eigenvectors_.append(qs)
+            self.s_eigenvectors_.append(qs.contiguous())
         if self.corrected:
             bases = {layer.name: (self.a_eigenvectors_[i], self.s_eigenvectors_[i])
                      for i, layer in enumerate(layers)}
@@ -70,9 +69,9 @@ class _KroneckerInverse(InverseCurvature):
         self.damping_ = torch.tensor(dampings, dtype=F64)
         self.regularizer_shift_ = torch.tensor(extra, dtype=F64)
         self.fit_info_.update(
-            damping={layer.name: d for layer, d in zip(layers, dampings)},
-            mean_eigenvalue={layer.name: m for layer, m in zip(layers, means)},
-            regularizer_shift={layer.name: e for layer, e in zip(layers, extra)},
+            damping={layer.name: d for layer, d in zip(layers, dampings, strict=True)},
+            mean_eigenvalue={layer.name: m for layer, m in zip(layers, means, strict=True)},
+            regularizer_shift={layer.name: e for layer, e in zip(layers, extra, strict=True)},
             min_eigenvalue={layer.name: float(self._eigenvalues(i).min())
                             for i, layer in enumerate(layers)})
         self._check_invertible()
