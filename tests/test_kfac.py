@@ -46,6 +46,19 @@ def test_linear_regression_is_exact(method, d_out, reg):
     _assert_same_inverse(method(damping=1e-3).fit(curvature), ik.Exact(1e-3).fit(curvature))
 
 
+@pytest.mark.parametrize("params", [["weight"], ["bias"]])
+def test_partial_layer_selection_is_exact(params):
+    """Weight without bias (no homogeneous 1) or bias alone (A = [1]) on multi-output regression."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(F64)
+    target = ik.Target(model, ik.RegressionTask(), params=params)
+    data = (torch.randn(9, 4, dtype=F64), torch.randn(9, 3, dtype=F64))
+    curvature = ik.Curvature(target, data, kind="ggn")
+    exact = ik.Exact(1e-3).fit(curvature)
+    for method in (ik.KFAC, ik.EKFAC):
+        _assert_same_inverse(method(damping=1e-3).fit(curvature), exact)
+
+
 def test_one_output_closed_form_factors():
     """A = (1/n) Σ [x;1][x;1]ᵀ and S = 2 (scalar), so S ⊗ A = (2/n) X̃ᵀX̃ (hand-written)."""
     target, (x, y) = _regression(3, 1, 7)
@@ -332,8 +345,9 @@ def test_hooks_removed_after_fit_and_after_exception():
             raise RuntimeError("loss failed")
 
     failing = ik.Target(model, Failing())
-    with pytest.raises(RuntimeError, match="loss failed"):
+    with pytest.raises(RuntimeError, match="loss failed") as info:
         ik.KFAC(1e-3).fit(ik.Curvature(failing, data, kind="empirical_fisher"))
+    assert info.traceback is not None          # the traceback (and its frames) is still alive
     assert Failing.seen == [2]                 # the hooks were there during the fit
     assert _hook_state(model) == before        # and are gone after the exception
     for k, v in model.state_dict().items():

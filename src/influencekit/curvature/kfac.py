@@ -30,6 +30,7 @@ All statistics are accumulated in float64. EK-FAC's eigenvalue correction is
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 
 import torch
 
@@ -153,15 +154,22 @@ def kronecker_factors(curvature, runtime: Runtime, layers: list[HookedLayer],
     s_sum = {layer.name: torch.zeros(layer.d_out, layer.d_out, dtype=F64, device=runtime.device)
              for layer in layers}
     total = 0.0
-    for w, acts, label_sets in iter_layer_batches(curvature, runtime, layers, sampler):
-        total += float(w.sum())
-        for name, a in acts.items():
-            scale = (w / a.shape[1])[:, None, None]
-            a_sum[name] += torch.einsum("bti,btj->ij", a * scale, a)
-        for coef, grads in label_sets:
-            for name, g in grads.items():
-                s_sum[name] += torch.einsum("bto,btp->op", g * coef[:, None, None], g)
+    stream = iter_layer_batches(curvature, runtime, layers, sampler)
+    with closing(stream):  # removes the hooks at once, also when this loop raises
+        for w, acts, label_sets in stream:
+            total += float(w.sum())
+            _accumulate_factors(acts, label_sets, w, a_sum, s_sum)
     return {name: (_sym(a_sum[name] / total), _sym(s_sum[name] / total)) for name in a_sum}
+
+
+def _accumulate_factors(acts, label_sets, w, a_sum, s_sum):
+    """Add one batch to the sums of A (token mean) and S (token sum), weighted."""
+    for name, a in acts.items():
+        scale = (w / a.shape[1])[:, None, None]
+        a_sum[name] += torch.einsum("bti,btj->ij", a * scale, a)
+    for coef, grads in label_sets:
+        for name, g in grads.items():
+            s_sum[name] += torch.einsum("bto,btp->op", g * coef[:, None, None], g)
 
 
 def eigenvalue_corrections(curvature, runtime: Runtime, layers: list[HookedLayer],
@@ -173,14 +181,21 @@ def eigenvalue_corrections(curvature, runtime: Runtime, layers: list[HookedLayer
     sums = {layer.name: torch.zeros(layer.d_out, layer.width, dtype=F64, device=runtime.device)
             for layer in layers}
     total = 0.0
-    for w, acts, label_sets in iter_layer_batches(curvature, runtime, layers, sampler):
-        total += float(w.sum())
-        rotated = {name: a @ bases[name][0] for name, a in acts.items()}
-        for coef, grads in label_sets:
-            for name, g in grads.items():
-                projected = torch.bmm((g @ bases[name][1]).transpose(1, 2), rotated[name])
-                sums[name] += torch.einsum("b,boj->oj", coef, projected ** 2)
+    stream = iter_layer_batches(curvature, runtime, layers, sampler)
+    with closing(stream):  # removes the hooks at once, also when this loop raises
+        for w, acts, label_sets in stream:
+            total += float(w.sum())
+            _accumulate_corrections(acts, label_sets, bases, sums)
     return {name: s / total for name, s in sums.items()}
+
+
+def _accumulate_corrections(acts, label_sets, bases, sums):
+    """Add one batch of squared projected per-example gradients, weighted."""
+    rotated = {name: a @ bases[name][0] for name, a in acts.items()}
+    for coef, grads in label_sets:
+        for name, g in grads.items():
+            projected = torch.bmm((g @ bases[name][1]).transpose(1, 2), rotated[name])
+            sums[name] += torch.einsum("b,boj->oj", coef, projected ** 2)
 
 
 def _sym(m: torch.Tensor) -> torch.Tensor:
