@@ -310,6 +310,24 @@ def test_wrong_kind_and_modules_raise():
                                               (data[0][:1], data[1][:1]), kind="ggn"))
 
 
+def test_task_without_predictive_targets():
+    class Plain(Task):
+        def loss(self, outputs, targets):
+            return ((outputs - targets) ** 2).sum(dim=1)
+
+    torch.manual_seed(0)
+    target = ik.Target(nn.Linear(2, 2).to(F64), Plain())
+    data = (torch.randn(5, 2, dtype=F64), torch.randn(5, 2, dtype=F64))
+    with pytest.raises(InfluenceKitError, match="predictive_targets.*empirical_fisher"):
+        ik.KFAC(1e-3).fit(ik.Curvature(target, data, kind="ggn"))
+    empirical = ik.Curvature(target, data, kind="empirical_fisher")
+    with pytest.raises(ValueError, match="labels='typo'"):
+        ik.KFAC(1e-3, labels="typo").fit(empirical)
+    # one example: the empirical Fisher g gᵀ = (e eᵀ) ⊗ (a aᵀ) is a Kronecker product
+    one = ik.Curvature(target, (data[0][:1], data[1][:1]), kind="empirical_fisher")
+    _assert_same_inverse(ik.EKFAC(1e-2).fit(one), ik.Exact(1e-2).fit(one))
+
+
 def test_unsupported_parameters_named():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(F64)
     target = ik.Target(model, ik.ClassificationTask())
@@ -430,3 +448,13 @@ def test_per_module_scores_are_per_block_influence():
         block = dense[idx[:, None], idx[None, :]] + 1e-2 * torch.eye(len(idx), dtype=F64)
         expected = g_q[:, idx] @ torch.linalg.solve(block, g_m[:, idx].T)
         torch.testing.assert_close(parts[module], expected, rtol=RTOL, atol=1e-12)
+
+
+def test_float32_runtime_within_dtype_tolerance():
+    """Runtime(dtype=float32) changes the fit only within float32 rounding (stats stay float64)."""
+    target, data = _mlp_problem(7)
+    curvature = ik.Curvature(target, data, kind="ggn")
+    f64 = ik.EKFAC(damping=1e-2).fit(curvature).matrix()
+    f32 = ik.EKFAC(damping=1e-2).fit(curvature, ik.Runtime(dtype=torch.float32)).matrix()
+    assert f32.dtype == F64
+    torch.testing.assert_close(f32, f64, rtol=1e-4, atol=1e-6 * float(f64.abs().max()))

@@ -84,7 +84,13 @@ class LabelSampler:
         size = outputs.shape[0]
         if self.mode == "empirical":
             return [(true_targets, torch.ones(size, dtype=F64, device=outputs.device))]
-        targets, probs = task.predictive_targets(outputs.detach())
+        try:
+            targets, probs = task.predictive_targets(outputs.detach())
+        except NotImplementedError as exc:
+            raise InfluenceKitError(
+                f"labels={self.mode!r} needs the labels' predictive distribution, but "
+                f"{type(task).__name__} does not define predictive_targets(). Implement it, or "
+                "fit on ik.Curvature(..., kind='empirical_fisher') (true labels).") from exc
         probs = probs.to(F64)
         if self.mode == "exact":
             return [(t, probs[s]) for s, t in enumerate(targets)]

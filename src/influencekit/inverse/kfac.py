@@ -180,7 +180,9 @@ class KFAC(_KroneckerInverse):
 
     Args:
         damping: λ ≥ 0, or ``"auto"`` = 0.1 × the mean eigenvalue ``mean(s)·mean(a)`` of each
-            layer's ``S ⊗ A`` (reported per layer in ``fit_info_["damping"]``).
+            layer's ``S ⊗ A`` (reported per layer in ``fit_info_["damping"]``; computed from
+            the data part only, an L2 regulariser's strength is added on top and reported in
+            ``fit_info_["regularizer_shift"]``).
         labels: ``"exact"`` (every class weighted by its predicted probability; default),
             ``"sampled"`` (``n_samples`` labels per example from the model's predictive
             distribution, generator seeded with ``seed``) for ``kind="ggn"``/``"fisher"``;
@@ -189,6 +191,12 @@ class KFAC(_KroneckerInverse):
         modules: names of the modules to factor (default: every ``nn.Linear``/``nn.Conv2d``
             holding Target parameters). Every Target parameter must lie in one of them;
             otherwise :class:`~influencekit.errors.UnsupportedModuleError` names the others.
+
+    The curvature's ``kind`` decides what is approximated: ``"ggn"`` and ``"fisher"`` use the
+    Fisher of the task's predictive distribution (equal to the GGN for cross-entropy on logits
+    and for squared error; for another loss the Fisher is what is factored), ``"empirical_fisher"``
+    the true labels, ``"hessian"`` is refused. ``solve`` costs two small matrix products per
+    layer; ``matrix()`` builds the dense approximation for tests.
 
     Fitted: per layer the eigen-decompositions of A and S (``a_eigenvalues_``,
     ``a_eigenvectors_``, ``s_eigenvalues_``, ``s_eigenvectors_``, lists over ``layers_``),

@@ -5,6 +5,8 @@ Shapes, sign and scale (see ``influencekit.conventions``):
 - ``pairwise(query, train)`` -> ``[n_query, n_train]``, s = g_qᵀ (C + λI)⁻¹ g_m, no 1/n.
   With the loss as measurement, s > 0 means the training example helped (upweighting it lowers
   the query loss); the predicted change when it is removed is +s / n.
+- ``pairwise_per_module(query, train)`` -> ``{module: [n_query, n_train]}``, the same score split
+  by module (parameter-name prefix); the parts add up to ``pairwise``.
 - ``self_influence(train)`` -> ``[n_train]``, g_mᵀ (C + λI)⁻¹ g_m ≥ 0 for a PSD curvature.
 - ``parameter_influence(train)`` -> ``[n_train, p]``, ∂θ/∂w_m = −(1/n)(C + λI)⁻¹ g_m.
 
