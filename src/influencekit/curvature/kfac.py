@@ -39,6 +39,7 @@ from ..grads.data import batches, check_weights, num_examples
 from ..grads.hooks import (
     HookedLayer,
     LayerCapture,
+    backward_leaves,
     layer_activations,
     layer_modules,
     layer_output_grads,
@@ -129,7 +130,7 @@ def iter_layer_batches(curvature, runtime: Runtime, layers: list[HookedLayer],
 
 
 def _backward_each(target, params, outputs, label_sets, layers, acts, cap, w, start):
-    leaves = list(params.values())
+    leaves = backward_leaves(layers, params)
     for labels, probs in label_sets:
         losses = target.task.loss(outputs, _cast_floating(labels, outputs.dtype, outputs.device))
         losses = target._check_shape(losses, outputs, "loss")

@@ -132,6 +132,14 @@ def layer_index(layer: HookedLayer, space: ParamSpace) -> torch.Tensor:
     return torch.cat(cols, dim=1)
 
 
+def _weight_bias_positions(layer: HookedLayer, space: ParamSpace):
+    """Flat positions of the layer's weight ``[d_out·d_in]`` and bias ``[d_out]`` (or None)."""
+    index = layer_index(layer, space)
+    weight = index[:, :layer.d_in].reshape(-1) if layer.weight else None
+    bias = index[:, -1] if layer.bias else None
+    return weight, bias
+
+
 # -- the context manager ------------------------------------------------------------------------
 class LayerCapture:
     """Context manager: record inputs and output gradients of chosen modules.
@@ -186,12 +194,16 @@ class LayerCapture:
 
 
 # -- token views ---------------------------------------------------------------------------------
+def layer_tokens(layer: HookedLayer, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, d_in]``: the layer's inputs as tokens (unfolded patches for a Conv2d)."""
+    if layer.kind == "conv2d":
+        return _unfold(module, x).transpose(1, 2)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 def layer_activations(layer: HookedLayer, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``a [B, T, width]``: the inputs as tokens, with a trailing 1 if the bias is selected."""
-    if layer.kind == "conv2d":
-        tokens = _unfold(module, x).transpose(1, 2)
-    else:
-        tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    tokens = layer_tokens(layer, module, x)
     parts = [tokens] if layer.weight else []
     if layer.bias:
         parts.append(torch.ones(*tokens.shape[:2], 1, dtype=tokens.dtype, device=tokens.device))
@@ -214,6 +226,16 @@ def _unfold(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         padding = 0
     return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
                     stride=conv.stride)
+
+
+def backward_leaves(layers: list[HookedLayer], live: dict[str, torch.Tensor]) -> list:
+    """One leaf per layer whose gradient makes backward reach the layer's output cheaply.
+
+    Asking autograd for the bias (a sum) rather than the weight skips the aggregated
+    weight-gradient products (a full conv backward for a Conv2d); the output-gradient hooks
+    fire either way.
+    """
+    return [live[layer.bias or layer.weight] for layer in layers]
 
 
 def live_params(target: Target, dtype, device) -> dict[str, torch.Tensor]:
@@ -241,6 +263,8 @@ class HookGradients:
         self.modules = layer_modules(target, self.layers)
         self.indices = {layer.name: layer_index(layer, target.space).reshape(-1)
                         for layer in self.layers}
+        self.positions = {layer.name: _weight_bias_positions(layer, target.space)
+                          for layer in self.layers}
         self._buffer: torch.Tensor | None = None
         self._layer_buffers: dict[str, torch.Tensor] = {}
 
@@ -253,20 +277,29 @@ class HookGradients:
             fn = target.task.loss if which == "loss" else target.task.measurement
             values = target._check_shape(fn(outputs, target._targets(batch, outputs)), outputs,
                                          which)
-            torch.autograd.grad(values.sum(), list(live.values()), allow_unused=True)
+            torch.autograd.grad(values.sum(), backward_leaves(self.layers, live),
+                                allow_unused=True)
             inputs, grads = dict(cap.inputs), dict(cap.output_grads)
         flat = self._flat_buffer(values.shape[0], values.dtype, values.device)
         for layer in self.layers:
-            a = layer_activations(layer, self.modules[layer.name], inputs[layer.name])
-            if layer.name in grads:
-                g = layer_output_grads(layer, grads[layer.name])
-                matrix = torch.bmm(g.transpose(1, 2), a.to(g.dtype),
+            grad = grads.get(layer.name)
+            if grad is None:  # the layer's output does not reach the loss
+                flat[:, self.indices[layer.name].to(flat.device)] = 0
+                continue
+            g = layer_output_grads(layer, grad)
+            if layer.weight:
+                tokens = layer_tokens(layer, self.modules[layer.name], inputs[layer.name])
+                matrix = torch.bmm(g.transpose(1, 2), tokens.to(g.dtype),
                                    out=self._layer_buffer(layer, g))
-            else:  # the layer's output does not reach the loss
-                matrix = self._layer_buffer(layer, a).zero_()
-            flat.index_copy_(1, self.indices[layer.name].to(flat.device),
-                             matrix.reshape(matrix.shape[0], -1).to(flat.dtype))
+                self._put(flat, self.positions[layer.name][0], matrix)
+            if layer.bias:
+                self._put(flat, self.positions[layer.name][1], g.sum(dim=1))
         return values.detach(), flat
+
+    @staticmethod
+    def _put(flat, positions, values):
+        flat.index_copy_(1, positions.to(flat.device),
+                         values.reshape(values.shape[0], -1).to(flat.dtype))
 
     def _flat_buffer(self, size, dtype, device) -> torch.Tensor:
         p = self.target.num_params
@@ -276,7 +309,7 @@ class HookGradients:
         return self._buffer
 
     def _layer_buffer(self, layer, like) -> torch.Tensor:
-        shape = (like.shape[0], layer.d_out, layer.width)
+        shape = (like.shape[0], layer.d_out, layer.d_in)
         b = self._layer_buffers.get(layer.name)
         if b is None or b.shape != shape or b.dtype != like.dtype or b.device != like.device:
             b = self._layer_buffers[layer.name] = torch.empty(shape, dtype=like.dtype,
