@@ -35,6 +35,12 @@ class Case:
 
 CASES = [
     Case("exact", lambda lam: ik.Exact(damping=lam), "dense", 1e-10),
+    # K-FAC family: exact on these problems (one output per layer; a Hadamard design)
+    Case("kfac", lambda lam: ik.KFAC(damping=lam), "blocks", 1e-10),
+    Case("ekfac", lambda lam: ik.EKFAC(damping=lam), "blocks", 1e-10),
+    Case("kfac_diag", lambda lam: ik.KFAC(damping=lam), "diagonal", 1e-10),
+    Case("ekfac_diag", lambda lam: ik.EKFAC(damping=lam, labels="sampled", n_samples=2),
+         "diagonal", 1e-10),
     Case("cg", lambda lam: ik.CG(damping=lam, max_iter=50, tol=1e-12), "dense", 1e-10),
     Case("lissa", lambda lam: ik.LiSSA(damping=lam, scale=5.0, depth=150), "dense", 1e-10),
     Case("arnoldi_full", lambda lam: ik.Arnoldi(damping=lam, rank=10, n_iter=10), "dense",

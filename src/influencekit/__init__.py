@@ -12,13 +12,8 @@ Sign and scale of every score: ``influencekit.conventions``.
 
 from . import conventions, errors
 from .curvature import Curvature
-from .inverse import Exact, InverseCurvature
-from .inverse.arnoldi import Arnoldi
-from .inverse.block import BlockDiagonal, block_diagonal
-from .inverse.cg import CG
-from .inverse.diagonal import Diagonal
-from .inverse.identity import Identity
-from .inverse.lissa import LiSSA
+from .inverse import (CG, EKFAC, KFAC, Arnoldi, BlockDiagonal, Diagonal, Exact, Identity,
+                      InverseCurvature, LiSSA, block_diagonal)
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
 from .scoring import Influence
@@ -33,3 +28,4 @@ __all__ = [
     "conventions", "errors", "__version__",
 ]
 __all__ += ["CG", "LiSSA", "Arnoldi", "Diagonal", "Identity", "BlockDiagonal", "block_diagonal"]
+__all__ += ["KFAC", "EKFAC"]

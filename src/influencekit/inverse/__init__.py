@@ -7,7 +7,8 @@ from .cg import CG
 from .diagonal import Diagonal
 from .exact import Exact
 from .identity import Identity
+from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
 
-__all__ = ["InverseCurvature", "Exact", "REGISTRY"]
-__all__ += ["CG", "LiSSA", "Arnoldi", "Diagonal", "Identity", "BlockDiagonal", "block_diagonal"]
+__all__ = ["InverseCurvature", "Exact", "CG", "LiSSA", "Arnoldi", "KFAC", "EKFAC", "Diagonal",
+           "Identity", "BlockDiagonal", "block_diagonal", "REGISTRY"]
