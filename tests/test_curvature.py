@@ -39,7 +39,7 @@ def test_ggn_equals_jacobian_formula():
     expected = torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)
     for i in range(6):
         jac = torch.autograd.functional.jacobian(
-            lambda f: target.outputs(target.space.unflatten(f), (x[i:i + 1], y[i:i + 1]))[0],
+            lambda f, i=i: target.outputs(target.space.unflatten(f), (x[i:i + 1], y[i:i + 1]))[0],
             flat)                                                  # [K, p]
         p = torch.softmax(model(x[i:i + 1])[0], 0)
         h = torch.diag(p) - torch.outer(p, p)

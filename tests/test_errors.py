@@ -5,9 +5,14 @@ import torch
 from torch import nn
 
 import influencekit as ik
-from influencekit.errors import (CurvatureTooLargeError, EmptyDatasetError,
-                                 NoTrainableParametersError, NonFiniteError, NotFittedError,
-                                 TaskOutputShapeError)
+from influencekit.errors import (
+    CurvatureTooLargeError,
+    EmptyDatasetError,
+    NonFiniteError,
+    NotFittedError,
+    NoTrainableParametersError,
+    TaskOutputShapeError,
+)
 
 from .helpers import classification_data, mlp
 

@@ -3,8 +3,12 @@
 import numpy as np
 import pytest
 
-from influencekit.testing import (THESIS_LOSS_INFLUENCE, THESIS_PARAM_INFLUENCE, THESIS_THETA,
-                                  solve_thesis)
+from influencekit.testing import (
+    THESIS_LOSS_INFLUENCE,
+    THESIS_PARAM_INFLUENCE,
+    THESIS_THETA,
+    solve_thesis,
+)
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher"])

@@ -12,8 +12,19 @@ Sign and scale of every score: ``influencekit.conventions``.
 
 from . import conventions, errors
 from .curvature import Curvature
-from .inverse import (CG, EKFAC, KFAC, Arnoldi, BlockDiagonal, Diagonal, Exact, Identity,
-                      InverseCurvature, LiSSA, block_diagonal)
+from .inverse import (
+                      CG,
+                      EKFAC,
+                      KFAC,
+                      Arnoldi,
+                      BlockDiagonal,
+                      Diagonal,
+                      Exact,
+                      Identity,
+                      InverseCurvature,
+                      LiSSA,
+                      block_diagonal,
+)
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
 from .scoring import Influence

@@ -31,7 +31,8 @@ def thesis_demo(as_json: bool, echo=print) -> dict:
     echo("Thesis example: y = m·x + b, squared error, points (0,0), (1,1.5), (2,2)")
     echo(f"θ = [m, b] = [{answer['theta'][0]:.4f}, {answer['theta'][1]:.4f}]")
     echo("∂θ/∂w per point (∂m, ∂b):")
-    for (x, y), row in zip(zip(*thesis_data()), answer["param_influence"]):
+    for (x, y), row in zip(zip(*thesis_data(), strict=True), answer["param_influence"],
+                           strict=True):
         echo(f"  ({float(x):g}, {float(y):g}) -> ({row[0]:+.4f}, {row[1]:+.4f})")
     echo("∂ℓ_col/∂w_row (rows: upweighted point, columns: loss of point):")
     for row in answer["loss_influence"]:

@@ -19,8 +19,14 @@ from torch.utils._pytree import tree_map
 
 from ..errors import CurvatureTooLargeError, NonFiniteError
 from ..func.grads import per_example_gradients
-from ..func.products import (dense_ggn, dense_hessian, dense_outer, ggn_vector_products,
-                             hessian_vector_products, outer_vector_products)
+from ..func.products import (
+    dense_ggn,
+    dense_hessian,
+    dense_outer,
+    ggn_vector_products,
+    hessian_vector_products,
+    outer_vector_products,
+)
 from ..grads.data import as_loader, batches, check_weights, num_examples
 from ..grads.stream import compute_dtype
 from ..runtime import Runtime, resolve_runtime

@@ -37,12 +37,12 @@ def per_example_gradients_loop(fn: PerExampleFn, params: dict[str, torch.Tensor]
     size = _batch_size(batch)
     values, grads = [], {n: [] for n in params}
     for i in range(size):
-        example = tree_map(lambda t: t[i:i + 1], batch)
+        example = tree_map(lambda t, i=i: t[i:i + 1], batch)
         live = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         value = fn(live, example)[0]
         gs = torch.autograd.grad(value, list(live.values()), allow_unused=True)
         values.append(value.detach())
-        for (n, p), g in zip(live.items(), gs):
+        for (n, p), g in zip(live.items(), gs, strict=True):
             grads[n].append(torch.zeros_like(p) if g is None else g)
     return torch.stack(values), {n: torch.stack(v) for n, v in grads.items()}
 

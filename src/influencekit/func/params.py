@@ -36,7 +36,7 @@ class ParamSpace:
     def slices(self) -> dict[str, slice]:
         """Where each named parameter lives in the flat vector."""
         out, start = {}, 0
-        for name, size in zip(self.names, self.sizes):
+        for name, size in zip(self.names, self.sizes, strict=True):
             out[name] = slice(start, start + size)
             start += size
         return out
@@ -53,6 +53,6 @@ class ParamSpace:
         """``[*batch, p]`` -> ``{name: [*batch, *shape]}`` (views of ``flat``)."""
         batch = flat.shape[:-1]
         out = {}
-        for (name, sl), shape in zip(self.slices().items(), self.shapes):
+        for (name, sl), shape in zip(self.slices().items(), self.shapes, strict=True):
             out[name] = flat[..., sl].reshape(*batch, *shape)
         return out

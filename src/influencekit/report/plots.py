@@ -12,7 +12,7 @@ def plot_response_curves(curves, path: str | Path, names=("m", "b"),
     """One panel per curve: each parameter's real θ(ε) (solid) and tangent (dashed)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
-    for ax, curve in zip(axes[0], curves):
+    for ax, curve in zip(axes[0], curves, strict=True):
         eps = curve.epsilons.numpy()
         for j, name in enumerate(names):
             line, = ax.plot(eps, curve.theta[:, j].numpy(), label=f"{name}(ε) re-optimised")

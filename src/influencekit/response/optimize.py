@@ -131,12 +131,11 @@ def _lbfgs(objective, theta, grad_tol, max_iter):
         value.backward()
         return value
 
-    rounds = 0
-    for rounds in range(1, max_iter + 1):  # restart: torch's LBFGS may stop early
+    for round_ in range(1, max_iter + 1):  # restart: torch's LBFGS may stop early
         optimizer.step(closure)
         if float(theta.grad.abs().max()) <= grad_tol:
-            break
-    return theta.detach(), rounds
+            return theta.detach(), round_
+    return theta.detach(), max_iter
 
 
 def write_params(target: Target, flat: torch.Tensor) -> None:
