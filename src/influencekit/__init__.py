@@ -11,6 +11,7 @@ Sign and scale of every score: ``influencekit.conventions``.
 """
 
 from . import conventions, errors
+from . import correction, diagnostics  # issue 5
 from .curvature import Curvature
 from .inverse import Exact, InverseCurvature
 from .response import leave_one_out, minimize, response_curve, write_params
@@ -25,4 +26,5 @@ __all__ = [
     "Curvature", "InverseCurvature", "Exact", "Influence", "Runtime",
     "response_curve", "leave_one_out", "minimize", "write_params",
     "conventions", "errors", "__version__",
+    "diagnostics", "correction",
 ]
