@@ -10,8 +10,7 @@ The one-screen view::
 Sign and scale of every score: ``influencekit.conventions``.
 """
 
-from . import conventions, errors
-from . import correction, diagnostics  # issue 5
+from . import conventions, correction, diagnostics, errors  # issue 5: correction, diagnostics
 from .curvature import Curvature
 from .inverse import Exact, InverseCurvature
 from .response import leave_one_out, minimize, response_curve, write_params
