@@ -77,7 +77,7 @@ def main():
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "normalized"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     OPTIMIZER[0] = args.optimizer

@@ -28,6 +28,7 @@ from ..runtime import Runtime, resolve_runtime
 from ..task.target import Target, _cast_floating
 
 SELECTORS = ("influence", "random", "gradient_similarity")
+OPTIMIZERS = ("adam", "sgd", "normalized")
 
 
 @dataclass
@@ -39,7 +40,8 @@ class FixResult:
     label: ``real_loss_change`` = ℓ_q(θ_T) − ℓ_q(θ_0); ``predicted_loss_change`` = the first-order
     forecast made before fine-tuning from the gradient of the selection objective L_S at θ_0:
     −lr·T·g_qᵀ∇L_S for T SGD steps, −lr·T·g_qᵀ sign(∇L_S) for Adam (whose first updates are
-    lr·sign); ``linearized_loss_change`` = g_qᵀ(θ_T − θ_0).
+    lr·sign), −lr·T·g_qᵀ∇L_S/‖∇L_S‖ for normalised steps; ``linearized_loss_change`` =
+    g_qᵀ(θ_T − θ_0).
     ``heldout_accuracy_*`` are fractions in [0, 1] (nan without held-out data).
     ``params``: flat θ_T ``[p]``.
     """
@@ -153,7 +155,9 @@ def fix_prediction(target: Target, inverse: InverseCurvature | None, train, quer
     """Fine-tune on the k examples that most help ``desired_label`` for ``query_x``.
 
     Each step minimises ``mean_{m∈S} ℓ_m − harmful_weight · mean_{m∈H} ℓ_m + R`` over the
-    Target's parameters (H empty unless ``ascend_harmful``) with Adam (or ``"sgd"``) at ``lr``;
+    Target's parameters (H empty unless ``ascend_harmful``) with ``optimizer``: ``"adam"``,
+    ``"sgd"`` or ``"normalized"`` (steps of length exactly ``lr``: θ ← θ − lr·∇/‖∇‖, which
+    bounds how far each step moves the model, hence the collateral damage);
     training stops as soon as the query's argmax equals ``desired_label`` or after ``steps``.
     ``query_x``: one example without batch dimension. ``heldout``: optional (x, y) data for the
     collateral damage. See :class:`FixResult` for the returned numbers.
@@ -188,19 +192,23 @@ def fix_prediction(target: Target, inverse: InverseCurvature | None, train, quer
             out = work.outputs(params, q_batch)
             return int(out.argmax(-1)[0]), float(work.losses(params, q_batch)[0])
 
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer={optimizer!r} is not 'sgd' or 'adam'")
-    opt = (torch.optim.SGD([theta], lr=lr) if optimizer == "sgd"
-           else torch.optim.Adam([theta], lr=lr))
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}")
+    opt = (torch.optim.Adam([theta], lr=lr) if optimizer == "adam"
+           else torch.optim.SGD([theta], lr=lr))
     before, loss_before = query_state(theta.detach())
     g_sel = torch.func.grad(selection_objective)(theta0)
     if optimizer == "adam":
         g_sel = g_sel.sign()
+    elif optimizer == "normalized":
+        g_sel = g_sel / g_sel.norm().clamp_min(1e-300)
     g_q = torch.func.grad(lambda f: work.losses(work.space.unflatten(f), q_batch).sum())(theta0)
     used, now = 0, before
     while now != desired_label and used < steps:
         opt.zero_grad()
         selection_objective(theta).backward()
+        if optimizer == "normalized":
+            theta.grad /= theta.grad.norm().clamp_min(1e-300)
         opt.step()
         used += 1
         now, _ = query_state(theta.detach())
