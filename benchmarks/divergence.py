@@ -6,7 +6,7 @@ An MLP on scikit-learn digits is trained to θ̂; training then continues with S
 the real change of each query loss is correlated with the first-order prediction
 g_qᵀ ε ∂θ/∂w_m (Exact GGN inverse). Writes a table (stdout, markdown) and a PNG plot.
 
-    PYTHONPATH=src python benchmarks/divergence.py [--steps 1024] [--examples 20] [--png PATH]
+    PYTHONPATH=src python benchmarks/divergence.py [--steps 2048] [--damping 1.0] [--png PATH]
 """
 
 from __future__ import annotations
@@ -20,19 +20,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import influencekit as ik  # noqa: E402
 from _digits import digits_splits, train_mlp  # noqa: E402
+
+import influencekit as ik  # noqa: E402
 from influencekit import diagnostics as dg  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--examples", type=int, default=20)
     parser.add_argument("--queries", type=int, default=10)
-    parser.add_argument("--damping", type=float, default=1e-3)
+    parser.add_argument("--damping", type=float, default=1.0)
     parser.add_argument("--png", default=str(Path(__file__).parent / "divergence.png"))
     args = parser.parse_args()
     torch.set_num_threads(1)
