@@ -10,7 +10,7 @@ The one-screen view::
 Sign and scale of every score: ``influencekit.conventions``.
 """
 
-from . import conventions, errors
+from . import conventions, correction, diagnostics, errors  # issue 5: correction, diagnostics
 from .curvature import Curvature
 from .inverse import (
                       CG,
@@ -37,6 +37,7 @@ __all__ = [
     "Curvature", "InverseCurvature", "Exact", "Influence", "Runtime",
     "response_curve", "leave_one_out", "minimize", "write_params",
     "conventions", "errors", "__version__",
+    "diagnostics", "correction",
 ]
 __all__ += ["CG", "LiSSA", "Arnoldi", "Diagonal", "Identity", "BlockDiagonal", "block_diagonal"]
 __all__ += ["KFAC", "EKFAC"]

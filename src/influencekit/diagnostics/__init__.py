@@ -1,0 +1,38 @@
+"""How far to trust an influence answer: one measured figure per assumption, with a verdict.
+
+``check(target, inverse, train, queries)`` runs them all with cheap defaults and returns a
+:class:`TrustReport`; each figure is also available as a small function.
+"""
+
+from .check import ALL, check
+from .convexity import (
+                        Spectrum,
+                        convexity_findings,
+                        eigenvalue_finding,
+                        gap_finding,
+                        hessian_ggn_gap,
+                        hessian_spectrum,
+                        negative_mass_finding,
+)
+from .divergence import (
+                        DivergenceCurve,
+                        TrainingSetup,
+                        continue_training,
+                        divergence_finding,
+                        parameter_divergence,
+)
+from .linearity import linearity_errors, linearity_finding
+from .report import Finding, TrustReport
+from .stability import damping_sensitivity, method_agreement, residual_finding, solver_residuals
+from .trajectory import checkpoint_agreement
+
+__all__ = [
+    "check", "ALL", "TrustReport", "Finding",
+    "Spectrum", "hessian_spectrum", "hessian_ggn_gap", "convexity_findings",
+    "eigenvalue_finding", "negative_mass_finding", "gap_finding",
+    "solver_residuals", "residual_finding", "method_agreement", "damping_sensitivity",
+    "checkpoint_agreement",
+    "TrainingSetup", "DivergenceCurve", "continue_training", "parameter_divergence",
+    "divergence_finding",
+    "linearity_errors", "linearity_finding",
+]

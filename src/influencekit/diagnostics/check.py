@@ -1,0 +1,110 @@
+"""``check``: every diagnostic with cheap defaults, collected in one TrustReport."""
+
+from __future__ import annotations
+
+import torch
+
+from ..inverse.base import InverseCurvature
+from ..inverse.exact import Exact
+from ..runtime import Runtime, resolve_runtime
+from ..task.target import Target
+from .common import damping_of, scores
+from .convexity import convexity_findings
+from .divergence import TrainingSetup, divergence_finding, parameter_divergence
+from .linearity import linearity_errors, linearity_finding
+from .report import Finding, TrustReport, skipped
+from .stability import damping_sensitivity, method_agreement, residual_finding, solver_residuals
+from .trajectory import checkpoint_agreement
+
+ALL = ("convexity", "numeric stability", "training trajectory", "parameter divergence",
+       "first-order expansion")
+
+
+def check(target: Target, inverse: InverseCurvature, train, queries,
+          runtime: Runtime | None = None, *, other: InverseCurvature | None = None,
+          checkpoints: list[torch.Tensor] | None = None, training: TrainingSetup | None = None,
+          examples: int = 2, epsilons=(-1.0, 1.0), top_k: int = 10,
+          dense_max_params: int = 600, lanczos_steps: int = 30,
+          include=ALL) -> TrustReport:
+    """How far the influence scores of ``inverse`` on ``queries`` can be trusted.
+
+    Args:
+        target, inverse, train, queries: as for ``Influence(target, inverse).pairwise``; the
+            Target's parameters are taken to be the trained θ̂.
+        other: a second fitted inverse for "method agreement"; by default an ``Exact`` inverse
+            with the same damping and curvature kind when the dense curvature has at most
+            ``dense_max_params`` parameters and ``inverse`` is not already Exact (else skipped).
+        checkpoints: flat parameter vectors ``[p]`` of earlier checkpoints ("training
+            trajectory"; skipped when None).
+        training: how training continues for "parameter divergence"; default full-batch SGD
+            with lr = 1 / λ_max(Hessian) for 64 steps.
+        examples: how many training examples (those with the largest |score| for the first
+            query) the divergence and linearity checks re-train for.
+        epsilons: weight changes 1 + ε for the linearity check (−1 = removal); the divergence
+            check uses ε = +1 and ε = −1.
+        include: which assumptions to check (names in ``ALL``).
+
+    Cost on a small model: two dense Hessians at most (or ~2·``lanczos_steps`` passes), two
+    refits for damping sensitivity, (1 + 2·examples) runs of continued training and
+    ``examples`` × (1 + len(epsilons)) full-batch re-optimisations.
+    """
+    runtime = resolve_runtime(runtime)
+    unknown = set(include) - set(ALL)
+    if unknown:
+        raise ValueError(f"include has unknown assumptions {sorted(unknown)}; choose from {ALL}")
+    findings: list[Finding] = []
+    spectrum = None
+    if "convexity" in include:
+        found, spectrum = convexity_findings(target, inverse, train, queries, runtime,
+                                             dense_max_params=dense_max_params,
+                                             steps=lanczos_steps)
+        findings += found
+    if "numeric stability" in include:
+        findings.append(residual_finding(solver_residuals(target, inverse, train, queries,
+                                                          runtime)))
+        other = _default_other(inverse, target, train, runtime, dense_max_params, other)
+        if other is None:
+            findings.append(skipped("numeric stability", "method agreement",
+                                    "pass other=<a second fitted inverse> to measure it"))
+        else:
+            findings.append(method_agreement(target, inverse, other, train, queries, runtime))
+        findings.append(damping_sensitivity(target, inverse, train, queries, runtime, k=top_k))
+    if "training trajectory" in include:
+        if checkpoints:
+            findings.append(checkpoint_agreement(target, inverse, train, queries, checkpoints,
+                                                 runtime, k=top_k))
+        else:
+            findings.append(skipped("training trajectory", "checkpoint agreement",
+                                    "pass checkpoints=[flat params, ...] to measure it"))
+    chosen: list[int] = []
+    if {"parameter divergence", "first-order expansion"} & set(include):
+        first = scores(target, inverse, train, queries, runtime)[0]
+        chosen = torch.topk(first.abs(), min(examples, first.numel())).indices.tolist()
+    if "parameter divergence" in include:
+        if training is None:
+            if spectrum is None:
+                from .convexity import hessian_spectrum
+                spectrum = hessian_spectrum(target, train, runtime,
+                                            dense_max_params=dense_max_params,
+                                            steps=lanczos_steps)
+            training = TrainingSetup(steps=64, lr=1.0 / max(spectrum.max_eigenvalue, 1e-12))
+        curves = [parameter_divergence(target, inverse, train, queries, chosen, training,
+                                       epsilon=e, runtime=runtime) for e in (1.0, -1.0)]
+        findings.append(divergence_finding(curves))
+    if "first-order expansion" in include:
+        errors = linearity_errors(target, inverse, train, queries, chosen, epsilons, runtime)
+        findings.append(linearity_finding(errors, chosen, epsilons))
+    context = {"inverse": inverse.get_config(), "kind": inverse.fit_info_["kind"],
+               "damping": damping_of(inverse), "num_params": target.num_params,
+               "examples": chosen}
+    return TrustReport(findings, context)
+
+
+def _default_other(inverse, target, train, runtime, dense_max_params, other):
+    if other is not None:
+        return other
+    if isinstance(inverse, Exact) or target.num_params > dense_max_params:
+        return None
+    from ..curvature import Curvature
+    return Exact(damping=damping_of(inverse)).fit(
+        Curvature(target, train, kind=inverse.fit_info_["kind"]), runtime)
