@@ -11,10 +11,11 @@ import torch
 from scipy import stats
 
 import influencekit as ik
-from diagnostics_toys import design, leverages, regression, saddle, tanh_net
 from influencekit import diagnostics as dg
 from influencekit.func.lanczos import extreme_eigenvalues, spectral_trace
 from influencekit.inverse.base import InverseCurvature
+
+from .diagnostics_toys import design, leverages, regression, saddle, tanh_net
 
 
 def exact(target, data, kind="hessian", damping=0.0):
