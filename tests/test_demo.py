@@ -72,3 +72,30 @@ def _unflat(flat, model):
         out[name] = flat[start:start + p.numel()].reshape(p.shape)
         start += p.numel()
     return out
+
+
+def test_digits_demo_trust_report_smallest_hessian_eigenvalue(tmp_path):
+    """--trust: the report's λ_min/λ_max of the Hessian equals an autograd Hessian's (p = 460,
+    small enough for the exact dense path)."""
+    result = digits_demo(tmp_path / "rep", n_train=120, hidden=6, epochs=100, damping=1e-2,
+                         max_queries=2, trust=True, runtime=Runtime(progress=False),
+                         echo=lambda *a: None)
+    finding = next(f for f in result.trust.findings if f.name == "min/max Hessian eigenvalue")
+    assert finding.how.startswith("exact")
+    from influencekit.cli.demo import train_mlp
+    from influencekit.data import load_digits_split
+
+    split = load_digits_split(n_train=120)
+    model = train_mlp(split.x_train, split.y_train, 6, 1e-3, 100, Runtime(progress=False))
+    flat = torch.cat([p.detach().ravel() for p in model.parameters()])
+
+    def objective(f):
+        out = torch.func.functional_call(model, _unflat(f, model), (split.x_train,))
+        return torch.nn.functional.cross_entropy(out, split.y_train) + 0.5e-3 * (f ** 2).sum()
+
+    hessian = torch.autograd.functional.hessian(objective, flat)
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    expected = float(eigenvalues[0] / eigenvalues[-1].abs())
+    np.testing.assert_allclose(finding.value, expected, rtol=1e-6, atol=1e-10)
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "How far to trust these scores" in html and "Hessian-GGN gap" in html

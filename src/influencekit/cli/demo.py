@@ -62,6 +62,7 @@ class DigitsDemo:
     n_train: int
     damping: float
     report: Path
+    trust: object = None  # the TrustReport when run with trust=True
 
 
 def train_mlp(x, y, hidden: int, weight_decay: float, epochs: int, runtime: Runtime,
@@ -82,9 +83,12 @@ def train_mlp(x, y, hidden: int, weight_decay: float, epochs: int, runtime: Runt
 
 def digits_demo(out: str | Path = "influence_report", *, n_train: int = 1200, hidden: int = 32,
                 epochs: int = 500, weight_decay: float = 1e-3, damping: float = 1e-3,
-                top: int = 3, max_queries: int = 10, runtime: Runtime | None = None,
-                echo=print) -> DigitsDemo:
-    """Train a digits MLP, explain its misclassified test images, write a report to ``out``."""
+                top: int = 3, max_queries: int = 10, trust: bool = False,
+                runtime: Runtime | None = None, echo=print) -> DigitsDemo:
+    """Train a digits MLP, explain its misclassified test images, write a report to ``out``.
+
+    ``trust=True`` also runs the convexity and numeric-stability diagnostics (about a minute
+    on 2 CPU cores), prints the TrustReport and adds it to the report."""
     runtime = runtime or Runtime()
     out = Path(out)
     split = load_digits_split(n_train=n_train)
@@ -118,9 +122,18 @@ def digits_demo(out: str | Path = "influence_report", *, n_train: int = 1200, hi
                   "figures": [["Thesis example: response R(ε) beside its tangent",
                                "thesis_response.png"]]})
     thesis_response_figure(out / "thesis_response.png", runtime)
-    page = render_examples_report(store, out, k=5, max_queries=max_queries)
+    trust_html, trust_report = "", None
+    if trust:
+        from ..diagnostics import check
+
+        trust_report = check(target, inverse, train, query, runtime,
+                             include=("convexity", "numeric stability"))
+        echo(str(trust_report))
+        trust_html = "<h2>How far to trust these scores</h2>" + trust_report.to_html()
+    page = render_examples_report(store, out, k=5, max_queries=max_queries,
+                                  extra_html=trust_html)
     echo(f"report written to {page}")
-    return DigitsDemo(scores, wrong, train_acc, test_acc, n_train, damping, page)
+    return DigitsDemo(scores, wrong, train_acc, test_acc, n_train, damping, page, trust_report)
 
 
 def _units_note(damping, n):

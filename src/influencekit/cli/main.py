@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="thesis: print one JSON object")
     demo.add_argument("--out", default="influence_report", help="digits: report folder")
     demo.add_argument("--damping", type=float, default=1e-3, help="digits: damping λ")
+    demo.add_argument("--trust", action="store_true",
+                      help="digits: also run the convexity and numeric-stability diagnostics")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             thesis_demo(args.json)
         else:
             runtime = Runtime(progress=False if args.no_progress else None)
-            digits_demo(args.out, damping=args.damping, runtime=runtime)
+            digits_demo(args.out, damping=args.damping, trust=args.trust, runtime=runtime)
     return 0
 
 

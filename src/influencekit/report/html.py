@@ -31,8 +31,10 @@ def top_examples(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render_examples_report(store: str | Path, out: str | Path, k: int = 5,
-                           max_queries: int = 12) -> Path:
-    """Write ``out/index.html`` and one PNG per query; returns the HTML path."""
+                           max_queries: int = 12, extra_html: str = "") -> Path:
+    """Write ``out/index.html`` and one PNG per query; returns the HTML path.
+
+    ``extra_html`` (e.g. a ``TrustReport.to_html()``) is placed after the examples."""
     tensors, manifest = load_tensors(store)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,7 @@ def render_examples_report(store: str | Path, out: str | Path, k: int = 5,
     page = out / "index.html"
     page.write_text(_PAGE.format(title=html.escape(manifest.get("title", "influence report")),
                                  notes=html.escape(manifest.get("notes", "")),
-                                 rows="".join(rows), extra=extra))
+                                 rows="".join(rows), extra=extra + extra_html))
     return page
 
 
