@@ -49,3 +49,7 @@ class StoreError(InfluenceKitError):
 
 class ConvergenceError(InfluenceKitError):
     """An iterative solver or optimiser did not reach its tolerance."""
+
+
+class DatasetNotFoundError(InfluenceKitError):
+    """An offline data set is not installed where influencekit looks for it."""
