@@ -202,7 +202,7 @@ def method_specs(args, spec: dict) -> list[dict]:
     }
     rows = [{"method": "Exact", "cls": "Exact", "kwargs": {"damping": lam}, "runtime_f64": True}]
     for name, cls in REGISTRY.items():
-        if name in ("Exact", "BlockDiagonal") or inspect.isabstract(cls):
+        if name in ("Exact", "BlockDiagonal") or name.startswith("_") or inspect.isabstract(cls):
             continue
         for label, kwargs in settings.get(name, [(name, {"damping": lam})]):
             rows.append({"method": label, "cls": name, "kwargs": kwargs})
