@@ -202,7 +202,7 @@ def method_specs(args, spec: dict) -> list[dict]:
         "CG": [("CG", {"damping": lam, "max_iter": args.cg_iter, "tol": 1e-10,
                        "on_failure": "warn"})],
         "LiSSA": [("LiSSA", {"damping": lam, "scale": args.lissa_scale,
-                             "depth": args.lissa_depth})],
+                             "depth": args.lissa_depth, "num_samples": args.lissa_batch})],
         "Arnoldi": [("Arnoldi", {"damping": lam, "rank": args.rank})],
         "KFAC": [("KFAC", {"damping": lam, "labels": "exact"}),
                  ("KFAC_sampled", {"damping": lam, "labels": "sampled"})],
@@ -513,7 +513,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=100, help="Arnoldi rank")
     p.add_argument("--cg-iter", type=int, default=500)
     p.add_argument("--lissa-scale", type=float, default=50.0)
-    p.add_argument("--lissa-depth", type=int, default=2000)
+    p.add_argument("--lissa-depth", type=int, default=1000)
+    p.add_argument("--lissa-batch", type=int, default=64,
+                   help="examples per LiSSA curvature product (stochastic mode)")
     p.add_argument("--fashion-train", type=int, default=1000)
     p.add_argument("--fashion-epochs", type=int, default=5)
     p.add_argument("--width", type=int, default=8)
