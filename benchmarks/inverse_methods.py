@@ -167,7 +167,7 @@ def prepare_fashion(args, folder: Path) -> dict | None:
             "l2": args.l2, "params": conv_linear_params(model)}
     target = make_target(spec, model)
     train = (x.double(), y)
-    result = ik.minimize(target, train, max_iter=3000, grad_tol=1e-8)
+    result = ik.minimize(target, train, max_iter=args.fashion_lbfgs, grad_tol=1e-8)
     ik.write_params(target, result.params)
     accuracy = float((model(split.test[0].double()).argmax(1) == split.test[1]).double().mean())
     note = (f"ResNet (BN, eval mode) width {args.width}, {target.num_params} conv/linear params, "
@@ -516,8 +516,9 @@ def parse_args(argv=None):
     p.add_argument("--lissa-depth", type=int, default=1000)
     p.add_argument("--lissa-batch", type=int, default=64,
                    help="examples per LiSSA curvature product (stochastic mode)")
-    p.add_argument("--fashion-train", type=int, default=1000)
+    p.add_argument("--fashion-train", type=int, default=500)
     p.add_argument("--fashion-epochs", type=int, default=5)
+    p.add_argument("--fashion-lbfgs", type=int, default=300, help="L-BFGS iterations (eval mode)")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--methods", default="", help="comma-separated subset of method labels")
     p.add_argument("--skip-kronfluence", action="store_true")
