@@ -558,6 +558,8 @@ def main(argv=None):
     notes.append(f"damping λ = {args.damping} for every method (kronfluence: damping_factor = "
                  f"λ + l2 = {args.damping + args.l2}); device {args.device}, {args.threads} "
                  f"thread(s); total wall time {time.perf_counter() - start:.0f} s")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         for c in comps:
             rows.append({"task": c["task"], "method": f"agreement:{c['ours']}~{c['kronfluence']}",
