@@ -422,8 +422,16 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def mean_spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over queries of Spearman across training examples; a query whose scores are constant
+    in either matrix (e.g. a float32 query gradient that is exactly zero) is left out."""
     from scipy.stats import spearmanr
-    return float(np.mean([spearmanr(x, y).statistic for x, y in zip(a, b, strict=True)]))
+    values = [spearmanr(x, y).statistic for x, y in zip(a, b, strict=True)
+              if np.ptp(x) > 0 and np.ptp(y) > 0]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def constant_queries(scores: np.ndarray) -> int:
+    return int((np.ptp(scores, axis=1) == 0).sum())
 
 
 def run_task(spec: dict, args, folder: Path) -> tuple[list[dict], dict]:
@@ -450,6 +458,8 @@ def run_task(spec: dict, args, folder: Path) -> tuple[list[dict], dict]:
             row["spearman_vs_exact"] = mean_spearman(result["scores"], exact["scores"])
             row["pearson_vs_exact_lossgrad"] = pearson(result["scores_lossgrad"],
                                                        exact["scores_lossgrad"])
+            if constant_queries(result["scores"]):
+                row["constant_queries"] = constant_queries(result["scores"])
         row.update({k: v for k, v in result.get("info", {}).items()})
         rows.append(row)
     return rows, results
