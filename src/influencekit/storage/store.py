@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import StoreError
@@ -64,7 +64,7 @@ def load_tensors(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
                          "or modified); delete the folder and save again.")
     try:
         tensors = load_file(str(tensor_path))
-    except SafetensorsError as exc:
+    except SafetensorError as exc:
         raise StoreError(f"{tensor_path} cannot be read ({exc}); save again.") from exc
     return tensors, manifest
 
