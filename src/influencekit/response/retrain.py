@@ -86,7 +86,8 @@ def _lbfgs(fn, init: torch.Tensor, grad_tol: float, max_iter: int,
             break
     if float(g.abs().max()) > grad_tol and theta.numel() <= newton_max_params:
         value, g = _newton_polish(fn, theta, grad_tol)
-    return ResponseSolution(theta.detach(), float(value), float(g.abs().max()), iterations)
+    return ResponseSolution(theta.detach(), float(value.detach()), float(g.abs().max()),
+                            iterations)
 
 
 def _newton_polish(fn, theta, grad_tol, steps: int = 4):
