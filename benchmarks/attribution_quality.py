@@ -27,13 +27,17 @@ import torch
 from torch import nn
 
 import influencekit as ik
-from influencekit.evaluation import flip_labels, lds, loo_correlation, mislabel_detection
-from influencekit.evaluation import sample_subsets
+from influencekit.evaluation import (
+    flip_labels,
+    lds,
+    loo_correlation,
+    mislabel_detection,
+    sample_subsets,
+)
 from influencekit.grads.projection import RandomProjection
 from influencekit.inverse import REGISTRY
 from influencekit.response.pbrf import response_changes
-from influencekit.response.retrain import (LBFGSRetrainer, leave_one_out_retrained,
-                                           subset_retraining)
+from influencekit.response.retrain import LBFGSRetrainer, leave_one_out_retrained, subset_retraining
 from influencekit.scoring import TRAK, TracIn
 
 RUNTIME = ik.Runtime(dtype=torch.float64, batch_size=500, progress=False)

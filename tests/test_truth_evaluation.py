@@ -7,8 +7,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import influencekit as ik
-from influencekit.evaluation import (auc, flip_labels, lds, loo_correlation, mislabel_detection,
-                                     sample_subsets)
+from influencekit.evaluation import (
+    auc,
+    flip_labels,
+    lds,
+    loo_correlation,
+    mislabel_detection,
+    sample_subsets,
+)
 from influencekit.evaluation.decomposition import correlation_table
 from influencekit.func.grads import per_example_gradients_loop
 from influencekit.grads.projection import RandomProjection
@@ -37,7 +43,7 @@ def test_loo_correlation_equals_scipy():
     r = loo_correlation(a, b)
     assert abs(r["pearson"] - stats.pearsonr(a.ravel(), b.ravel()).statistic) < 1e-12
     assert abs(r["spearman"] - stats.spearmanr(a.ravel(), b.ravel()).statistic) < 1e-12
-    per = [stats.pearsonr(x, y).statistic for x, y in zip(a, b)]
+    per = [stats.pearsonr(x, y).statistic for x, y in zip(a, b, strict=True)]
     np.testing.assert_allclose(r["pearson_per_query"].per_query, per, atol=1e-12)
 
 
@@ -133,3 +139,50 @@ def test_random_projection_preserves_inner_products_on_average():
         est.append((pg @ pg.T).numpy())
     np.testing.assert_allclose(np.mean(est, axis=0), (g @ g.T).numpy(),
                                atol=0.1 * float((g * g).sum(1).max()))
+
+
+def test_removal_curve_matches_ridge_closed_form():
+    from influencekit.evaluation import removal_curve
+    from influencekit.response.retrain import LBFGSRetrainer
+    from test_truth_response import design, ridge_problem, ridge_solution
+
+    target, (x, y) = ridge_problem()
+    scores = np.linspace(1.0, -1.0, 20)[::-1].copy()  # example 19 ranked first, then 18, ...
+    curve = removal_curve(target, (x, y), (x, y), 3, scores, [1, 4],
+                          LBFGSRetrainer(grad_tol=1e-12), random_seed=5)
+    a, yy = design(x.numpy())[3], y.numpy()[:, 0]
+    full = (a @ ridge_solution(x.numpy(), yy, np.ones(20, bool)) - yy[3]) ** 2
+    shuffled = np.random.default_rng(5).permutation(20)
+    for i, k in enumerate([1, 4]):
+        keep = np.ones(20, bool)
+        keep[np.arange(19, 19 - k, -1)] = False
+        expected = (a @ ridge_solution(x.numpy(), yy, keep) - yy[3]) ** 2 - full
+        assert abs(curve["top"][i] - expected) < 1e-9
+        keep = np.ones(20, bool)
+        keep[shuffled[:k]] = False
+        expected = (a @ ridge_solution(x.numpy(), yy, keep) - yy[3]) ** 2 - full
+        assert abs(curve["random"][i] - expected) < 1e-9
+
+
+def test_gap_decomposition_on_a_convex_model():
+    """Convex: cold and warm LOO coincide; PBRF agrees with its linearisation closely."""
+    from influencekit.evaluation import gap_decomposition
+    from influencekit.response.retrain import LBFGSRetrainer
+
+    target, (x, y) = _classifier()
+    out = gap_decomposition(target, (x, y), [0, 5, 9, 13], (x[:6], y[:6]), damping=0.01,
+                            cold_retrainer=LBFGSRetrainer(grad_tol=1e-12),
+                            cold_init=torch.zeros(target.num_params, dtype=torch.float64))
+    ch = out["changes"]
+    assert list(ch) == ["cold_loo", "warm_loo", "proximal", "pbrf", "linearised_pbrf"]
+    np.testing.assert_allclose(ch["cold_loo"].numpy(), ch["warm_loo"].numpy(), atol=1e-8)
+    table = {r["step"]: r for r in out["table"]}
+    assert table["warm_loo"]["pearson_vs_previous"] > 1 - 1e-9
+    assert table["linearised_pbrf"]["pearson_vs_previous"] > 0.99
+    # Linearised PBRF = Exact GGN influence removal effect s/n, computed independently here.
+    c = ik.Curvature(target, (x, y), kind="ggn").dense()
+    sc = ik.Influence(target, ik.Exact(0.01).fit(ik.Curvature(target, (x, y))))
+    gq, gm = sc.query_gradients((x[:6], y[:6])), sc.train_gradients((x, y))[[0, 5, 9, 13]]
+    expected = gq @ torch.linalg.solve(c + 0.01 * torch.eye(c.shape[0], dtype=c.dtype), gm.T)
+    np.testing.assert_allclose(ch["linearised_pbrf"].numpy(), (expected / 25).numpy(),
+                               atol=1e-12)

@@ -10,8 +10,12 @@ from torch import nn
 import influencekit as ik
 from influencekit.errors import StoreError
 from influencekit.response.pbrf import output_bregman, solve_response
-from influencekit.response.retrain import (LBFGSRetrainer, SGDRetrainer,
-                                           leave_one_out_retrained, subset_retraining)
+from influencekit.response.retrain import (
+    LBFGSRetrainer,
+    SGDRetrainer,
+    leave_one_out_retrained,
+    subset_retraining,
+)
 from influencekit.storage import ResultsArray
 
 MU = 0.1  # L2 strength

@@ -66,10 +66,12 @@ def loo_correlation(predicted_changes, real_changes) -> dict:
     b = np.asarray(real_changes, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"predicted {a.shape} and real {b.shape} changes differ in shape")
+    pearsons = [_pearson(x, y) for x, y in zip(a, b, strict=True)]
+    spearmans = [_spearman(x, y) for x, y in zip(a, b, strict=True)]
     return {"pearson": _pearson(a.ravel(), b.ravel()),
             "spearman": _spearman(a.ravel(), b.ravel()),
-            "pearson_per_query": _summary(np.array([_pearson(x, y) for x, y in zip(a, b)])),
-            "spearman_per_query": _summary(np.array([_spearman(x, y) for x, y in zip(a, b)]))}
+            "pearson_per_query": _summary(np.array(pearsons)),
+            "spearman_per_query": _summary(np.array(spearmans))}
 
 
 def flip_labels(labels, fraction: float, n_classes: int, seed: int = 0):

@@ -150,7 +150,8 @@ def solve_response(target: Target, train, index: int, *, damping: float, epsilon
 
     def value(theta):
         params = target.space.unflatten(theta)
-        data = sum(obj.data_term(params, b, st) for b, st in zip(cached, stats)) / obj.n
+        pairs = zip(cached, stats, strict=True)
+        data = sum(obj.data_term(params, b, st) for b, st in pairs) / obj.n
         return data + obj.rest(theta, params)
 
     return _lbfgs(value, obj.anchor, grad_tol, max_iter)

@@ -54,7 +54,7 @@ class TracIn:
         """Σ_c η_c ‖g_m(θ_c)‖², ``[n_train]``."""
         runtime = resolve_runtime(runtime)
         total = 0.0
-        for eta, ckpt in zip(self.learning_rates, self.checkpoints):
+        for eta, ckpt in zip(self.learning_rates, self.checkpoints, strict=True):
             params = self._params(ckpt, self._dtype(runtime), runtime.device)
             g = gradients(self.target, train, runtime, which="loss", params=params)
             total = total + eta * (g * g).sum(dim=1)
@@ -63,7 +63,7 @@ class TracIn:
     def _accumulate(self, combine, query, train, runtime):
         runtime = resolve_runtime(runtime)
         total = 0.0
-        for eta, ckpt in zip(self.learning_rates, self.checkpoints):
+        for eta, ckpt in zip(self.learning_rates, self.checkpoints, strict=True):
             params = self._params(ckpt, self._dtype(runtime), runtime.device)
             gq = gradients(self.target, query, runtime, which="measurement", params=params)
             gm = gradients(self.target, train, runtime, which="loss", params=params)
