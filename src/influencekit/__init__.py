@@ -13,6 +13,7 @@ Sign and scale of every score: ``influencekit.conventions``.
 from . import conventions, errors
 from .curvature import Curvature
 from .inverse import Exact, InverseCurvature
+from .inverse import CG, Arnoldi, BlockDiagonal, Diagonal, Identity, LiSSA, block_diagonal
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
 from .scoring import Influence
@@ -26,3 +27,4 @@ __all__ = [
     "response_curve", "leave_one_out", "minimize", "write_params",
     "conventions", "errors", "__version__",
 ]
+__all__ += ["CG", "LiSSA", "Arnoldi", "Diagonal", "Identity", "BlockDiagonal", "block_diagonal"]

@@ -1,0 +1,33 @@
+"""Identity: the curvature taken as zero, (0 + λI)⁻¹ = I/λ."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import InverseCurvature
+
+
+class Identity(InverseCurvature):
+    """``(C + λI)⁻¹ ≈ I / λ``: the curvature is assumed to be zero (C ≈ 0).
+
+    With ``damping = λ > 0`` solving returns ``g / λ``, the exact damped inverse when C = 0, and
+    scores are plain gradient dot products ``g_qᵀ g_m / λ``. With ``damping = 0`` (the default)
+    ``I / 0`` is undefined; it is taken to mean "no preconditioning", ``solve(g) = g``, so scores
+    are the plain dot products ``g_qᵀ g_m`` (as in TracIn at one checkpoint or gradient
+    similarity). ``fit`` reads nothing but the data size and the model fingerprint; there is no
+    fitted tensor.
+    """
+
+    def __init__(self, damping: float = 0.0):
+        self.damping = damping
+
+    def _fit(self, curvature, runtime):
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+
+    def _solve(self, grads):
+        g = grads.to(torch.float64)
+        return g / self.damping if self.damping > 0 else g.clone()
+
+    def _state_names(self):
+        return []
