@@ -239,3 +239,16 @@ def test_results_store_rejects_mismatch_and_corruption(tmp_path):
     (folder / "meta.json").write_text("{not json")
     with pytest.raises(StoreError, match="corrupt"):
         ResultsArray.open(folder, (3, 2), config={"a": 1})
+
+
+def test_minibatch_pbrf_solver_reaches_the_lbfgs_solution():
+    """Adam on the PBRF objective (one batch = all data) converges to the L-BFGS minimiser."""
+    from influencekit.response.pbrf import solve_response_minibatch
+
+    target, (x, y) = ridge_problem()
+    ref = solve_response(target, (x, y), 6, damping=0.03, epsilon=-1.0, grad_tol=1e-13)
+    adam = solve_response_minibatch(target, (x, y), 6, damping=0.03, epsilon=-1.0, epochs=4000,
+                                    lr=3e-4, batch_size=20, dtype=torch.float64)
+    theta = target.flat_params(torch.float64)
+    rel = (adam.params - ref.params).norm() / (ref.params - theta).norm()
+    assert rel < 1e-7

@@ -190,7 +190,8 @@ def solve_response_minibatch(target: Target, train, index: int, *, damping: floa
             opt.step()
             steps += 1
     grad_norm = float(theta.grad.abs().max()) if theta.grad is not None else float("nan")
-    return ResponseSolution(theta.detach().to(torch.float64), float(value), grad_norm, steps)
+    return ResponseSolution(theta.detach().to(torch.float64), float(value.detach()), grad_norm,
+                            steps)
 
 
 def response_changes(target: Target, train, indices, query, *, damping: float,
