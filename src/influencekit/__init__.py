@@ -14,6 +14,7 @@ from . import conventions, errors
 from .curvature import Curvature
 from .inverse import Exact, InverseCurvature
 from .inverse import CG, Arnoldi, BlockDiagonal, Diagonal, Identity, LiSSA, block_diagonal
+from .inverse import EKFAC, KFAC
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
 from .scoring import Influence
@@ -28,3 +29,4 @@ __all__ = [
     "conventions", "errors", "__version__",
 ]
 __all__ += ["CG", "LiSSA", "Arnoldi", "Diagonal", "Identity", "BlockDiagonal", "block_diagonal"]
+__all__ += ["KFAC", "EKFAC"]

@@ -49,3 +49,7 @@ class StoreError(InfluenceKitError):
 
 class ConvergenceError(InfluenceKitError):
     """An iterative solver or optimiser did not reach its tolerance."""
+
+
+class UnsupportedModuleError(InfluenceKitError):
+    """A parameter lives in a module that a layer-wise method (hooks, K-FAC) cannot handle."""

@@ -8,6 +8,8 @@ from .cg import CG
 from .diagonal import Diagonal
 from .identity import Identity
 from .lissa import LiSSA
+from .kfac import EKFAC, KFAC
 
 __all__ = ["InverseCurvature", "Exact", "REGISTRY"]
 __all__ += ["CG", "LiSSA", "Arnoldi", "Diagonal", "Identity", "BlockDiagonal", "block_diagonal"]
+__all__ += ["KFAC", "EKFAC"]

@@ -70,6 +70,28 @@ class Influence:
                                              desc="scoring train")]
         return torch.cat(blocks, dim=1)
 
+    def pairwise_per_module(self, query, train, runtime: Runtime | None = None
+                            ) -> dict[str, torch.Tensor]:
+        """Scores split by module: ``{module name: [n_query, n_train]}``, summing to ``pairwise``.
+
+        Module name = parameter name without its last component (``"fc1.weight"`` -> ``"fc1"``).
+        The term of module M is ``((C + λI)⁻¹ g_q)[M] · g_m[M]`` (same sign and scale as
+        :meth:`pairwise`). For an inverse that is block diagonal per module (KFAC, EKFAC) this is
+        ``g_q[M]ᵀ (C_MM + λI)⁻¹ g_m[M]``, the influence through that layer alone. For a full
+        inverse (Exact, CG, ...) the preconditioned query is split AFTER solving, so a module's
+        term also carries the curvature coupling to the other modules; the terms still add up.
+        """
+        runtime = resolve_runtime(runtime)
+        pre = self.precondition(query, runtime)
+        groups = module_positions(self.target.space)
+        blocks = {name: [] for name in groups}
+        for _, g in iter_gradients(self.target, train, runtime, which="loss",
+                                   desc="scoring train per module"):
+            g = g.to(pre.dtype)
+            for name, idx in groups.items():
+                blocks[name].append(pre[:, idx] @ g[:, idx].T)
+        return {name: torch.cat(b, dim=1) for name, b in blocks.items()}
+
     def self_influence(self, train, runtime: Runtime | None = None) -> torch.Tensor:
         """g_mᵀ (C + λI)⁻¹ g_m for each training example, ``[n_train]``."""
         self._check()
@@ -92,3 +114,12 @@ class Influence:
         first-order change of f per unit of weight given to the new example.
         """
         return self.pairwise(query, examples, runtime)
+
+
+def module_positions(space) -> dict[str, torch.Tensor]:
+    """``{module name: flat positions}`` grouping parameters by their module (name prefix)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for (name, sl) in space.slices().items():
+        module = name.rpartition(".")[0] or name
+        groups.setdefault(module, []).append(torch.arange(sl.start, sl.stop))
+    return {m: torch.cat(parts) for m, parts in groups.items()}

@@ -1,0 +1,233 @@
+"""K-FAC and EK-FAC: block-diagonal (per layer) Kronecker-factored ``(C + λI)⁻¹``.
+
+Per supported layer (``nn.Linear`` / ``nn.Conv2d``, bias included) the curvature block of the
+mean training loss is approximated in the layer's gradient-matrix layout ``[d_out, width]``
+(weight row o followed by bias o; see :mod:`influencekit.grads.hooks`) by
+
+- K-FAC: ``S ⊗ A`` with eigenvalues ``s_o · a_j`` in the basis ``Q_S ⊗ Q_A``;
+- EK-FAC: the same basis with the eigenvalues replaced by the mean squared per-example gradient
+  in that basis (George et al. 2018; Grosse et al. 2023) — the best diagonal in that basis.
+
+``A``, ``S`` and the corrections are defined in :mod:`influencekit.curvature.kfac` (scale: the
+curvature of the MEAN loss, like ``Curvature.dense``). Cross-layer blocks are zero. Factors are
+eigendecomposed in float64. An :class:`~influencekit.L2Regularizer` adds its strength to every
+eigenvalue of the layers it covers (∇²R = strength · I); other regularisers are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..curvature.kfac import (LabelSampler, eigenvalue_corrections, kronecker_factors,
+                              label_mode)
+from ..errors import InfluenceKitError
+from ..grads.hooks import HookedLayer, find_layers, layer_index
+from ..task.regularizer import L2Regularizer
+from .base import InverseCurvature
+
+F64 = torch.float64
+
+
+class _KroneckerInverse(InverseCurvature):
+    """Shared fitting and solving of K-FAC and EK-FAC (see the module docstring)."""
+
+    corrected = False
+
+    def __init__(self, damping: float | str = "auto", labels: str = "exact", n_samples: int = 1,
+                 seed: int = 0, modules: list[str] | None = None):
+        self.damping = damping
+        self.labels = labels
+        self.n_samples = n_samples
+        self.seed = seed
+        self.modules = modules
+
+    # -- fitting ------------------------------------------------------------------------------
+    def _fit(self, curvature, runtime):
+        self._check_damping()
+        mode = label_mode(curvature.kind, self.labels)
+        target = curvature.target
+        layers = find_layers(target, self.modules)
+        extra = _regularizer_shift(target, layers)
+        factors = kronecker_factors(curvature, runtime, layers, self._sampler(mode))
+        self.a_eigenvalues_, self.a_eigenvectors_ = [], []
+        self.s_eigenvalues_, self.s_eigenvectors_ = [], []
+        for layer in layers:
+            a, s = factors[layer.name]
+            ea, qa = torch.linalg.eigh(a)
+            es, qs = torch.linalg.eigh(s)
+            self.a_eigenvalues_.append(ea)
+            self.a_eigenvectors_.append(qa)
+            self.s_eigenvalues_.append(es)
+            self.s_eigenvectors_.append(qs)
+        if self.corrected:
+            bases = {layer.name: (self.a_eigenvectors_[i], self.s_eigenvectors_[i])
+                     for i, layer in enumerate(layers)}
+            lam = eigenvalue_corrections(curvature, runtime, layers, self._sampler(mode), bases)
+            self.corrected_eigenvalues_ = [lam[layer.name] for layer in layers]
+        self.fit_info_.update(labels=mode, layers=[layer.to_dict() for layer in layers])
+        means = [float(self._eigenvalues(i).mean()) for i in range(len(layers))]
+        dampings = [0.1 * m if self.damping == "auto" else float(self.damping) for m in means]
+        self.damping_ = torch.tensor(dampings, dtype=F64)
+        self.regularizer_shift_ = torch.tensor(extra, dtype=F64)
+        self.fit_info_.update(
+            damping={layer.name: d for layer, d in zip(layers, dampings)},
+            mean_eigenvalue={layer.name: m for layer, m in zip(layers, means)},
+            regularizer_shift={layer.name: e for layer, e in zip(layers, extra)},
+            min_eigenvalue={layer.name: float(self._eigenvalues(i).min())
+                            for i, layer in enumerate(layers)})
+        self._check_invertible()
+
+    def _sampler(self, mode):
+        return LabelSampler(mode, self.n_samples, self.seed)
+
+    def _check_damping(self):
+        if self.damping == "auto":
+            return
+        if isinstance(self.damping, str) or self.damping < 0:
+            raise ValueError(f"damping must be a number >= 0 or 'auto', got {self.damping!r}")
+
+    def _check_invertible(self):
+        for i, layer in enumerate(self.layers_):
+            shifted = self._eigenvalues(i) + self.regularizer_shift_[i] + self.damping_[i]
+            scale = float(self._eigenvalues(i).abs().max().clamp_min(1e-300))
+            if float(shifted.min()) <= 1e-12 * scale:
+                raise InfluenceKitError(
+                    f"layer {layer.name!r}: the factored curvature plus damping is singular "
+                    f"(smallest eigenvalue {float(shifted.min()):.3g}, damping "
+                    f"{float(self.damping_[i]):.3g}). Use damping > 0, e.g. "
+                    f"{type(self).__name__}(damping='auto') (0.1 × mean eigenvalue per layer).")
+
+    # -- fitted structure ---------------------------------------------------------------------
+    @property
+    def layers_(self) -> list[HookedLayer]:
+        self.check_fitted()
+        return [HookedLayer(**d) for d in self.fit_info_["layers"]]
+
+    def _eigenvalues(self, i: int) -> torch.Tensor:
+        """``[d_out, width]`` eigenvalues of layer i's block in the basis ``Q_S ⊗ Q_A``."""
+        if self.corrected:
+            return self.corrected_eigenvalues_[i]
+        return torch.outer(self.s_eigenvalues_[i], self.a_eigenvalues_[i])
+
+    def _indices(self) -> list[torch.Tensor]:
+        space = self.param_space_
+        return [layer_index(layer, space) for layer in self.layers_]
+
+    # -- applying -----------------------------------------------------------------------------
+    def _solve(self, grads):
+        device = self.a_eigenvectors_[0].device
+        g = grads.to(device=device, dtype=F64)
+        out = torch.zeros_like(g)
+        for i, idx in enumerate(self._indices()):
+            idx = idx.to(device)
+            qa, qs = self.a_eigenvectors_[i], self.s_eigenvectors_[i]
+            rotated = qs.T @ g[:, idx] @ qa                                    # [k, d_out, width]
+            shift = self.regularizer_shift_[i] + self.damping_[i]
+            rotated = rotated / (self._eigenvalues(i) + shift)
+            out[:, idx] = qs @ rotated @ qa.T
+        return out
+
+    def matrix(self) -> torch.Tensor:
+        """The fitted approximation of C (without damping, with ∇²R), dense ``[p, p]`` float64.
+
+        For tests and small models only: block diagonal over layers, zero across layers.
+        """
+        self.check_fitted()
+        p = self.param_space_.numel
+        device = self.a_eigenvectors_[0].device
+        out = torch.zeros(p, p, dtype=F64, device=device)
+        for i, idx in enumerate(self._indices()):
+            q = torch.kron(self.s_eigenvectors_[i], self.a_eigenvectors_[i])
+            e = self._eigenvalues(i).reshape(-1) + self.regularizer_shift_[i]
+            flat = idx.reshape(-1).to(device)
+            out[flat[:, None], flat[None, :]] = (q * e) @ q.T
+        return out
+
+    # -- persistence --------------------------------------------------------------------------
+    _PER_LAYER = ("a_eigenvalues_", "a_eigenvectors_", "s_eigenvalues_", "s_eigenvectors_")
+
+    def _per_layer_names(self) -> tuple[str, ...]:
+        return self._PER_LAYER + (("corrected_eigenvalues_",) if self.corrected else ())
+
+    def _state_names(self):
+        n = len(self.fit_info_["layers"])
+        return ([f"{attr}{i}" for attr in self._per_layer_names() for i in range(n)]
+                + ["damping_", "regularizer_shift_"])
+
+    def state_dict(self):
+        self.check_fitted()
+        out = {f"{attr}{i}": t for attr in self._per_layer_names()
+               for i, t in enumerate(getattr(self, attr))}
+        out.update(damping_=self.damping_, regularizer_shift_=self.regularizer_shift_)
+        return out
+
+    def load_state_dict(self, tensors, fit_info):
+        info = dict(fit_info)
+        n = len(info["layers"])
+        self.fit_info_ = info
+        missing = [k for k in self._state_names() if k not in tensors]
+        if missing:
+            del self.fit_info_
+            raise ValueError(f"state for {type(self).__name__} lacks tensors {missing}")
+        for attr in self._per_layer_names():
+            setattr(self, attr, [tensors[f"{attr}{i}"] for i in range(n)])
+        self.damping_ = tensors["damping_"]
+        self.regularizer_shift_ = tensors["regularizer_shift_"]
+        return self
+
+
+class KFAC(_KroneckerInverse):
+    """K-FAC: ``(S ⊗ A + λI)⁻¹`` per layer (block diagonal over layers).
+
+    Args:
+        damping: λ ≥ 0, or ``"auto"`` = 0.1 × the mean eigenvalue ``mean(s)·mean(a)`` of each
+            layer's ``S ⊗ A`` (reported per layer in ``fit_info_["damping"]``).
+        labels: ``"exact"`` (every class weighted by its predicted probability; default),
+            ``"sampled"`` (``n_samples`` labels per example from the model's predictive
+            distribution, generator seeded with ``seed``) for ``kind="ggn"``/``"fisher"``;
+            a curvature of ``kind="empirical_fisher"`` always uses the true labels.
+        n_samples, seed: for ``labels="sampled"``.
+        modules: names of the modules to factor (default: every ``nn.Linear``/``nn.Conv2d``
+            holding Target parameters). Every Target parameter must lie in one of them;
+            otherwise :class:`~influencekit.errors.UnsupportedModuleError` names the others.
+
+    Fitted: per layer the eigen-decompositions of A and S (``a_eigenvalues_``,
+    ``a_eigenvectors_``, ``s_eigenvalues_``, ``s_eigenvectors_``, lists over ``layers_``),
+    ``damping_ [n_layers]`` (resolved λ) and ``regularizer_shift_ [n_layers]``.
+    """
+
+
+class EKFAC(_KroneckerInverse):
+    """EK-FAC: K-FAC's eigenbasis ``Q_S ⊗ Q_A`` with eigenvalues fitted to per-example gradients.
+
+    Same arguments as :class:`KFAC`; ``damping="auto"`` is 0.1 × the mean corrected eigenvalue
+    of each layer. Fitting takes two passes over the data (factors, then corrections); the
+    corrections use the same labels as the factors (the same samples for ``"sampled"``).
+    Fitted: as KFAC plus ``corrected_eigenvalues_`` (``[d_out, width]`` per layer).
+    """
+
+    corrected = True
+
+
+def _regularizer_shift(target, layers: list[HookedLayer]) -> list[float]:
+    """∇²R as a multiple of the identity on each layer (0 without a regulariser)."""
+    reg = target.regularizer
+    if reg is None:
+        return [0.0] * len(layers)
+    if not isinstance(reg, L2Regularizer):
+        raise InfluenceKitError(
+            f"K-FAC/EK-FAC can only add an L2Regularizer's Hessian (strength · I), not "
+            f"{type(reg).__name__}. Use ik.L2Regularizer, or an inverse that works on the full "
+            "curvature (ik.Exact, ik.CG).")
+    covered = None if reg.names is None else set(reg.names)
+    shifts = []
+    for layer in layers:
+        names = [n for n in (layer.weight, layer.bias) if n]
+        inside = {covered is None or n in covered for n in names}
+        if len(inside) > 1:
+            raise InfluenceKitError(
+                f"the L2Regularizer covers only some parameters of layer {layer.name!r} "
+                f"({names}); K-FAC needs the same strength on a whole layer. Regularise all of "
+                "its parameters or none.")
+        shifts.append(reg.strength if inside.pop() else 0.0)
+    return shifts
