@@ -18,6 +18,8 @@ from .inverse import EKFAC, KFAC
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
 from .scoring import Influence
+from .scoring import TRAK, TracIn
+from . import evaluation
 from .task import ClassificationTask, L2Regularizer, RegressionTask, Target, Task
 
 __version__ = "0.1.0"
@@ -30,3 +32,4 @@ __all__ = [
 ]
 __all__ += ["CG", "LiSSA", "Arnoldi", "Diagonal", "Identity", "BlockDiagonal", "block_diagonal"]
 __all__ += ["KFAC", "EKFAC"]
+__all__ += ["TracIn", "TRAK", "evaluation"]
