@@ -10,7 +10,7 @@ The one-screen view::
 Sign and scale of every score: ``influencekit.conventions``.
 """
 
-from . import conventions, correction, diagnostics, errors  # issue 5: correction, diagnostics
+from . import conventions, correction, diagnostics, errors, evaluation
 from .curvature import Curvature
 from .inverse import (
                       CG,
@@ -27,17 +27,24 @@ from .inverse import (
 )
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
-from .scoring import Influence
+from .scoring import TRAK, Influence, TracIn
 from .task import ClassificationTask, L2Regularizer, RegressionTask, Target, Task
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # what is computed for
     "Task", "ClassificationTask", "RegressionTask", "L2Regularizer", "Target",
-    "Curvature", "InverseCurvature", "Exact", "Influence", "Runtime",
+    # what is inverted, and how
+    "Curvature", "InverseCurvature", "Exact", "CG", "LiSSA", "Arnoldi", "KFAC", "EKFAC",
+    "Diagonal", "Identity", "BlockDiagonal", "block_diagonal",
+    # scores
+    "Influence", "TracIn", "TRAK",
+    # what really happens
     "response_curve", "leave_one_out", "minimize", "write_params",
-    "conventions", "errors", "__version__",
-    "diagnostics", "correction",
+    # how to run
+    "Runtime",
+    # sub-packages
+    "conventions", "errors", "diagnostics", "correction", "evaluation",
+    "__version__",
 ]
-__all__ += ["CG", "LiSSA", "Arnoldi", "Diagonal", "Identity", "BlockDiagonal", "block_diagonal"]
-__all__ += ["KFAC", "EKFAC"]

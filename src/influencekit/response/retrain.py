@@ -1,0 +1,279 @@
+"""Retraining from scratch or from a warm start: the ground truth influence is checked against.
+
+A :class:`Retrainer` trains the Target's parameters on a subset of the training data (given by
+indices) from an initial flat vector and a seed, and returns the trained flat parameters
+``[p]`` (float64). It never writes the user's model.
+
+- :class:`LBFGSRetrainer`: full-batch L-BFGS in float64 to a gradient tolerance (convex or small
+  models; deterministic, the seed is unused);
+- :class:`SGDRetrainer`: minibatch SGD or Adam for a fixed number of epochs, shuffled by the seed
+  (MLPs; the seed makes the run reproducible).
+
+On top of them: :func:`leave_one_out_retrained` (cold or warm start, any retrainer) and
+:func:`subset_retraining` (many subsets, e.g. for the LDS) whose rows go to a resumable
+:class:`~influencekit.storage.ResultsArray`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from ..errors import NonFiniteError
+from ..grads.data import as_loader, batches, num_examples
+from ..runtime import Runtime, resolve_runtime
+from ..task.target import Target, _cast_floating
+from .curve import measure
+
+
+@runtime_checkable
+class Retrainer(Protocol):
+    """Trains a Target on a subset of the training data; returns flat parameters ``[p]``."""
+
+    def retrain(self, target: Target, train, indices, *, seed: int = 0,
+                init: torch.Tensor | None = None,
+                runtime: Runtime | None = None) -> torch.Tensor:
+        """Train on ``train[indices]`` from ``init`` (default: the Target's current parameters,
+        a warm start); return the trained flat parameters ``[p]`` in float64."""
+
+
+@dataclass
+class ResponseSolution:
+    """``params [p]`` (float64) minimising an objective, its value, gradient max-norm and
+    L-BFGS iterations."""
+
+    params: torch.Tensor
+    objective: float
+    grad_norm: float
+    iterations: int
+
+
+def _lbfgs(fn, init: torch.Tensor, grad_tol: float, max_iter: int,
+           restarts: int = 3, newton_max_params: int = 600) -> ResponseSolution:
+    """Minimise a scalar function of a flat vector with L-BFGS (strong Wolfe), restarting the
+    history up to ``restarts`` times while the gradient max-norm is above ``grad_tol``.
+
+    L-BFGS stalls near 1e-9 when the objective's changes fall below float64 resolution; for at
+    most ``newton_max_params`` parameters it then finishes with Newton steps (dense Hessian,
+    taken only while the Hessian is positive definite), which need gradients only."""
+    theta = init.detach().clone().requires_grad_(True)
+    iterations = 0
+    for _ in range(restarts + 1):
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=50,
+                                tolerance_grad=grad_tol, tolerance_change=1e-20,
+                                line_search_fn="strong_wolfe")
+
+        def closure(opt=opt):
+            opt.zero_grad()
+            value = fn(theta)
+            if not torch.isfinite(value):
+                raise NonFiniteError("the objective became non-finite during re-optimisation; "
+                                     "raise damping/regularisation or check the data.")
+            value.backward()
+            return value
+
+        opt.step(closure)
+        iterations += int(opt.state[opt._params[0]].get("n_iter", 0))
+        with torch.enable_grad():
+            value = fn(theta)
+            (g,) = torch.autograd.grad(value, theta)
+        if float(g.abs().max()) <= grad_tol:
+            break
+    if float(g.abs().max()) > grad_tol and theta.numel() <= newton_max_params:
+        value, g = _newton_polish(fn, theta, grad_tol)
+    return ResponseSolution(theta.detach(), float(value.detach()), float(g.abs().max()),
+                            iterations)
+
+
+def _newton_polish(fn, theta, grad_tol, steps: int = 4):
+    with torch.enable_grad():
+        for _ in range(steps):
+            hess = torch.autograd.functional.hessian(fn, theta.detach())
+            value = fn(theta)
+            (g,) = torch.autograd.grad(value, theta)
+            if float(g.abs().max()) <= grad_tol:
+                break
+            try:
+                chol = torch.linalg.cholesky(0.5 * (hess + hess.T))
+            except torch.linalg.LinAlgError:
+                break  # not convex here: keep the L-BFGS answer
+            with torch.no_grad():
+                theta -= torch.cholesky_solve(g[:, None], chol)[:, 0]
+        value = fn(theta)
+        (g,) = torch.autograd.grad(value, theta)
+    return value, g
+
+
+def subset_data(train, indices, runtime: Runtime):
+    """``train`` restricted to ``indices`` (a tuple of tensors stays a tuple of tensors)."""
+    idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    if isinstance(train, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in train):
+        return tuple(t[idx] for t in train)
+    return Subset(as_loader(train, runtime, "training data").dataset, idx.tolist())
+
+
+def _start(target: Target, init, dtype, runtime: Runtime) -> torch.Tensor:
+    if init is None:
+        return target.flat_params(dtype, runtime.device)
+    return torch.as_tensor(init).detach().to(dtype=dtype, device=runtime.device).clone()
+
+
+class LBFGSRetrainer:
+    """Full-batch L-BFGS (float64) of ``mean loss + R`` on the subset, to ``grad_tol``."""
+
+    def __init__(self, grad_tol: float = 1e-10, max_iter: int = 2000):
+        self.grad_tol = grad_tol
+        self.max_iter = max_iter
+
+    def retrain(self, target, train, indices, *, seed=0, init=None, runtime=None):
+        runtime = resolve_runtime(runtime)
+        start = _start(target, init, torch.float64, runtime)
+        loader = as_loader(subset_data(train, indices, runtime), runtime, "training data")
+        cached = [(b, w) for _, b, w in batches(loader, runtime, torch.float64)]
+        return _lbfgs(lambda t: target.objective(target.space.unflatten(t), cached), start,
+                      self.grad_tol, self.max_iter).params
+
+    def __repr__(self):
+        return f"LBFGSRetrainer(grad_tol={self.grad_tol}, max_iter={self.max_iter})"
+
+
+class SGDRetrainer:
+    """Minibatch training of ``mean batch loss + R`` for ``epochs`` passes over the subset.
+
+    Args:
+        epochs: passes over the subset.
+        lr: learning rate.
+        batch_size: examples per step (the last batch of an epoch may be smaller).
+        optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
+        dtype: dtype of training (default float32; results are returned in float64).
+
+    The seed fixes the shuffling order, so the same (subset, seed, init) gives the same result.
+    """
+
+    def __init__(self, epochs: int = 20, lr: float = 1e-2, batch_size: int = 64,
+                 optimizer: str = "adam", momentum: float = 0.0,
+                 dtype: torch.dtype = torch.float32):
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer={optimizer!r} is not 'adam' or 'sgd'")
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.momentum = momentum
+        self.dtype = dtype
+
+    def retrain(self, target, train, indices, *, seed=0, init=None, runtime=None):
+        runtime = resolve_runtime(runtime)
+        theta = _start(target, init, self.dtype, runtime).requires_grad_(True)
+        dataset = as_loader(subset_data(train, indices, runtime), runtime).dataset
+        n = len(dataset)
+        if self.optimizer == "adam":
+            opt = torch.optim.Adam([theta], lr=self.lr)
+        else:
+            opt = torch.optim.SGD([theta], lr=self.lr, momentum=self.momentum)
+        gen = torch.Generator().manual_seed(int(seed))
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, self.batch_size):
+                batch = _collate(dataset, order[start:start + self.batch_size])
+                batch = _cast_floating(batch, self.dtype, runtime.device)
+                w = torch.ones(len(batch[0]), dtype=self.dtype, device=runtime.device)
+                opt.zero_grad()
+                loss = target.objective(target.space.unflatten(theta), [(batch, w)])
+                loss.backward()
+                opt.step()
+        return theta.detach().to(torch.float64)
+
+    def __repr__(self):
+        return (f"SGDRetrainer(epochs={self.epochs}, lr={self.lr}, batch_size={self.batch_size}, "
+                f"optimizer={self.optimizer!r}, momentum={self.momentum}, dtype={self.dtype})")
+
+
+def _collate(dataset, idx: torch.Tensor):
+    if hasattr(dataset, "tensors"):  # TensorDataset: index all at once
+        return tuple(t[idx] for t in dataset.tensors)
+    items = [dataset[int(i)] for i in idx]
+    return tuple(torch.stack([torch.as_tensor(it[k]) for it in items])
+                 for k in range(len(items[0])))
+
+
+def leave_one_out_retrained(target: Target, train, indices, query, retrainer: Retrainer, *,
+                            init: torch.Tensor | None = None, seed: int = 0,
+                            reference: torch.Tensor | None = None,
+                            runtime: Runtime | None = None) -> torch.Tensor:
+    """Real change of f when each example in ``indices`` is left out, ``[n_query, k]``.
+
+    Every run (the reference on all data and each leave-one-out run) starts from ``init``
+    (default: the Target's parameters, a warm start; pass the original initialisation or zeros
+    for a cold start) with the same ``seed``. The change is f(θ₋ₘ) − f(θ_ref), comparable with
+    the removal effect +s/n of the conventions table. ``reference`` (flat ``[p]``) skips
+    retraining on all the data.
+    """
+    runtime = resolve_runtime(runtime)
+    n = num_examples(as_loader(train, runtime, "training data"))
+    everyone = np.arange(n)
+    if reference is None:
+        reference = retrainer.retrain(target, train, everyone, seed=seed, init=init,
+                                      runtime=runtime)
+    f_ref = measure(target, reference.to(torch.float64), query, runtime)
+    changes = []
+    for m in runtime.bar(list(indices), desc="leave-one-out retraining"):
+        keep = everyone[everyone != int(m)]
+        theta = retrainer.retrain(target, train, keep, seed=seed, init=init, runtime=runtime)
+        changes.append(measure(target, theta.to(torch.float64), query, runtime) - f_ref)
+    return torch.stack(changes, dim=1)
+
+
+def subset_retraining(target: Target, train, subsets, query, retrainer: Retrainer, *,
+                      init: torch.Tensor | None = None, seeds=(0,), store=None,
+                      runtime: Runtime | None = None) -> np.ndarray:
+    """Retrain on each subset and measure the query set: ``[n_subsets, n_query]`` (float64).
+
+    ``subsets`` is a boolean mask ``[n_subsets, n_train]``. Each row is the measurement f of every
+    query example, averaged over the models trained with ``seeds`` (all from ``init``).
+    With ``store`` (a folder), each finished row is written to a resumable
+    :class:`~influencekit.storage.ResultsArray`: a run interrupted part-way resumes at the first
+    row not done, and a folder made for other subsets/queries/retrainer raises ``StoreError``.
+    """
+    from ..storage.memmap import ResultsArray
+
+    runtime = resolve_runtime(runtime)
+    masks = np.asarray(subsets, dtype=bool)
+    n = num_examples(as_loader(train, runtime, "training data"))
+    if masks.ndim != 2 or masks.shape[1] != n:
+        raise ValueError(f"subsets must be a boolean mask [n_subsets, n_train = {n}], got "
+                         f"shape {masks.shape}")
+    n_query = num_examples(as_loader(query, runtime, "query data"))
+    seeds = [int(s) for s in seeds]
+    shape = (masks.shape[0], n_query)
+    if store is None:
+        results, rows = np.zeros(shape), range(masks.shape[0])
+        array = None
+    else:
+        config = {"kind": "subset_retraining", "subsets_sha256": _sha(masks.tobytes()),
+                  "seeds": seeds, "retrainer": repr(retrainer),
+                  "fingerprint": target.fingerprint(),
+                  "init_sha256": None if init is None else _sha(
+                      torch.as_tensor(init).to(torch.float64).cpu().numpy().tobytes())}
+        array = ResultsArray.open(store, shape, "float64", config)
+        rows = array.pending()
+    for row in runtime.bar(list(rows), desc="subset retraining"):
+        keep = np.flatnonzero(masks[row])
+        values = [measure(target, retrainer.retrain(target, train, keep, seed=s, init=init,
+                                                    runtime=runtime).to(torch.float64),
+                          query, runtime) for s in seeds]
+        value = torch.stack(values).mean(dim=0).cpu().numpy()
+        if array is None:
+            results[row] = value
+        else:
+            array.write(row, value)
+    return results if array is None else array.values().copy()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
