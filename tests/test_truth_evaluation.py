@@ -144,7 +144,8 @@ def test_random_projection_preserves_inner_products_on_average():
 def test_removal_curve_matches_ridge_closed_form():
     from influencekit.evaluation import removal_curve
     from influencekit.response.retrain import LBFGSRetrainer
-    from test_truth_response import design, ridge_problem, ridge_solution
+
+    from .test_truth_response import design, ridge_problem, ridge_solution
 
     target, (x, y) = ridge_problem()
     scores = np.linspace(1.0, -1.0, 20)[::-1].copy()  # example 19 ranked first, then 18, ...
