@@ -22,13 +22,14 @@ from ..task.target import Target
 
 @dataclass
 class OptimizeResult:
-    """``params [p]`` (flat, float64), the final objective and gradient max-norm, iterations."""
+    """``params [p]`` (flat, float64), the final objective and gradient max-norm, iterations,
+    and whether the gradient tolerance was reached (None when not judged)."""
 
     params: torch.Tensor
     objective: float
     grad_norm: float
     iterations: int
-    converged: bool
+    converged: bool | None = None
 
 
 def minimize(target: Target, data, weights=None, init: torch.Tensor | None = None,
@@ -59,7 +60,8 @@ def minimize(target: Target, data, weights=None, init: torch.Tensor | None = Non
         theta, iters = _newton(objective, lambda f: curvature.dense(runtime, at=f), theta,
                                grad_tol, max_iter)
     else:
-        theta, iters = _lbfgs(objective, theta, grad_tol, max_iter)
+        solution = minimize_function(objective, theta, grad_tol, max_iter)
+        theta, iters = solution.params, solution.iterations
     value, grad = _value_and_grad(objective, theta)
     grad_norm = float(grad.abs().max())
     converged = grad_norm <= grad_tol
@@ -119,23 +121,61 @@ def _shifted_solve(hess, grad, shift):
         mu = max(mu * 10, 1e-10 * scale)
 
 
-def _lbfgs(objective, theta, grad_tol, max_iter):
-    theta = theta.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=100, history_size=50,
-                                  tolerance_grad=grad_tol, tolerance_change=0.0,
-                                  line_search_fn="strong_wolfe")
+def minimize_function(fn, init: torch.Tensor, grad_tol: float, max_iter: int,
+           restarts: int = 3, newton_max_params: int = 600) -> OptimizeResult:
+    """Minimise a scalar function of a flat vector with L-BFGS (strong Wolfe), restarting the
+    history up to ``restarts`` times while the gradient max-norm is above ``grad_tol``.
 
-    def closure():
-        optimizer.zero_grad()
-        value = objective(theta)
-        value.backward()
-        return value
+    L-BFGS stalls near 1e-9 when the objective's changes fall below float64 resolution; for at
+    most ``newton_max_params`` parameters it then finishes with Newton steps (dense Hessian,
+    taken only while the Hessian is positive definite), which need gradients only."""
+    theta = init.detach().clone().requires_grad_(True)
+    iterations = 0
+    for _ in range(restarts + 1):
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=50,
+                                tolerance_grad=grad_tol, tolerance_change=1e-20,
+                                line_search_fn="strong_wolfe")
 
-    for round_ in range(1, max_iter + 1):  # restart: torch's LBFGS may stop early
-        optimizer.step(closure)
-        if float(theta.grad.abs().max()) <= grad_tol:
-            return theta.detach(), round_
-    return theta.detach(), max_iter
+        def closure(opt=opt):
+            opt.zero_grad()
+            value = fn(theta)
+            if not torch.isfinite(value):
+                raise NonFiniteError("the objective became non-finite during re-optimisation; "
+                                     "raise damping/regularisation or check the data.")
+            value.backward()
+            return value
+
+        opt.step(closure)
+        iterations += int(opt.state[opt._params[0]].get("n_iter", 0))
+        with torch.enable_grad():
+            value = fn(theta)
+            (g,) = torch.autograd.grad(value, theta)
+        if float(g.abs().max()) <= grad_tol:
+            break
+    if float(g.abs().max()) > grad_tol and theta.numel() <= newton_max_params:
+        value, g = _newton_polish(fn, theta, grad_tol)
+    grad_norm = float(g.abs().max())
+    return OptimizeResult(theta.detach(), float(value.detach()), grad_norm, iterations,
+                          grad_norm <= grad_tol)
+
+
+def _newton_polish(fn, theta, grad_tol, steps: int = 4):
+    with torch.enable_grad():
+        for _ in range(steps):
+            hess = torch.autograd.functional.hessian(fn, theta.detach())
+            value = fn(theta)
+            (g,) = torch.autograd.grad(value, theta)
+            if float(g.abs().max()) <= grad_tol:
+                break
+            try:
+                chol = torch.linalg.cholesky(0.5 * (hess + hess.T))
+            except torch.linalg.LinAlgError:
+                break  # not convex here: keep the L-BFGS answer
+            with torch.no_grad():
+                theta -= torch.cholesky_solve(g[:, None], chol)[:, 0]
+        value = fn(theta)
+        (g,) = torch.autograd.grad(value, theta)
+    return value, g
 
 
 def write_params(target: Target, flat: torch.Tensor) -> None:

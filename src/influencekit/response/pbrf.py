@@ -36,7 +36,8 @@ from ..grads.data import as_loader, batches, num_examples
 from ..runtime import Runtime, resolve_runtime
 from ..task.target import Target, _cast_floating
 from .curve import measure
-from .retrain import ResponseSolution, _collate, _lbfgs, subset_data
+from .optimize import OptimizeResult, minimize_function
+from .retrain import _collate, subset_data
 
 MODES = ("loo", "proximal", "pbrf", "pbrf_linear")
 
@@ -134,7 +135,7 @@ class _Objective:
 def solve_response(target: Target, train, index: int, *, damping: float, epsilon: float = -1.0,
                    mode: str = "pbrf", anchor: torch.Tensor | None = None,
                    runtime: Runtime | None = None, grad_tol: float = 1e-10,
-                   max_iter: int = 5000) -> ResponseSolution:
+                   max_iter: int = 5000) -> OptimizeResult:
     """Minimise the ``mode`` objective (module doc) with full-batch L-BFGS in float64.
 
     ``anchor`` θˢ (flat ``[p]``) defaults to the Target's parameters; it is also the start.
@@ -154,7 +155,7 @@ def solve_response(target: Target, train, index: int, *, damping: float, epsilon
         data = sum(obj.data_term(params, b, st) for b, st in pairs) / obj.n
         return data + obj.rest(theta, params)
 
-    return _lbfgs(value, obj.anchor, grad_tol, max_iter)
+    return minimize_function(value, obj.anchor, grad_tol, max_iter)
 
 
 def solve_response_minibatch(target: Target, train, index: int, *, damping: float,
@@ -162,7 +163,7 @@ def solve_response_minibatch(target: Target, train, index: int, *, damping: floa
                              anchor: torch.Tensor | None = None, epochs: int = 10,
                              lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
                              dtype: torch.dtype = torch.float32,
-                             runtime: Runtime | None = None) -> ResponseSolution:
+                             runtime: Runtime | None = None) -> OptimizeResult:
     """The same objective minimised with Adam on minibatches (large models).
 
     Each step uses the unbiased minibatch estimate of the data term (mean over the batch).
@@ -190,7 +191,7 @@ def solve_response_minibatch(target: Target, train, index: int, *, damping: floa
             opt.step()
             steps += 1
     grad_norm = float(theta.grad.abs().max()) if theta.grad is not None else float("nan")
-    return ResponseSolution(theta.detach().to(torch.float64), float(value.detach()), grad_norm,
+    return OptimizeResult(theta.detach().to(torch.float64), float(value.detach()), grad_norm,
                             steps)
 
 

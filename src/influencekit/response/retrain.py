@@ -17,18 +17,17 @@ On top of them: :func:`leave_one_out_retrained` (cold or warm start, any retrain
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from ..errors import NonFiniteError
 from ..grads.data import as_loader, batches, num_examples
 from ..runtime import Runtime, resolve_runtime
 from ..task.target import Target, _cast_floating
 from .curve import measure
+from .optimize import minimize_function
 
 
 @runtime_checkable
@@ -40,73 +39,6 @@ class Retrainer(Protocol):
                 runtime: Runtime | None = None) -> torch.Tensor:
         """Train on ``train[indices]`` from ``init`` (default: the Target's current parameters,
         a warm start); return the trained flat parameters ``[p]`` in float64."""
-
-
-@dataclass
-class ResponseSolution:
-    """``params [p]`` (float64) minimising an objective, its value, gradient max-norm and
-    L-BFGS iterations."""
-
-    params: torch.Tensor
-    objective: float
-    grad_norm: float
-    iterations: int
-
-
-def _lbfgs(fn, init: torch.Tensor, grad_tol: float, max_iter: int,
-           restarts: int = 3, newton_max_params: int = 600) -> ResponseSolution:
-    """Minimise a scalar function of a flat vector with L-BFGS (strong Wolfe), restarting the
-    history up to ``restarts`` times while the gradient max-norm is above ``grad_tol``.
-
-    L-BFGS stalls near 1e-9 when the objective's changes fall below float64 resolution; for at
-    most ``newton_max_params`` parameters it then finishes with Newton steps (dense Hessian,
-    taken only while the Hessian is positive definite), which need gradients only."""
-    theta = init.detach().clone().requires_grad_(True)
-    iterations = 0
-    for _ in range(restarts + 1):
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=50,
-                                tolerance_grad=grad_tol, tolerance_change=1e-20,
-                                line_search_fn="strong_wolfe")
-
-        def closure(opt=opt):
-            opt.zero_grad()
-            value = fn(theta)
-            if not torch.isfinite(value):
-                raise NonFiniteError("the objective became non-finite during re-optimisation; "
-                                     "raise damping/regularisation or check the data.")
-            value.backward()
-            return value
-
-        opt.step(closure)
-        iterations += int(opt.state[opt._params[0]].get("n_iter", 0))
-        with torch.enable_grad():
-            value = fn(theta)
-            (g,) = torch.autograd.grad(value, theta)
-        if float(g.abs().max()) <= grad_tol:
-            break
-    if float(g.abs().max()) > grad_tol and theta.numel() <= newton_max_params:
-        value, g = _newton_polish(fn, theta, grad_tol)
-    return ResponseSolution(theta.detach(), float(value.detach()), float(g.abs().max()),
-                            iterations)
-
-
-def _newton_polish(fn, theta, grad_tol, steps: int = 4):
-    with torch.enable_grad():
-        for _ in range(steps):
-            hess = torch.autograd.functional.hessian(fn, theta.detach())
-            value = fn(theta)
-            (g,) = torch.autograd.grad(value, theta)
-            if float(g.abs().max()) <= grad_tol:
-                break
-            try:
-                chol = torch.linalg.cholesky(0.5 * (hess + hess.T))
-            except torch.linalg.LinAlgError:
-                break  # not convex here: keep the L-BFGS answer
-            with torch.no_grad():
-                theta -= torch.cholesky_solve(g[:, None], chol)[:, 0]
-        value = fn(theta)
-        (g,) = torch.autograd.grad(value, theta)
-    return value, g
 
 
 def subset_data(train, indices, runtime: Runtime):
@@ -135,8 +67,8 @@ class LBFGSRetrainer:
         start = _start(target, init, torch.float64, runtime)
         loader = as_loader(subset_data(train, indices, runtime), runtime, "training data")
         cached = [(b, w) for _, b, w in batches(loader, runtime, torch.float64)]
-        return _lbfgs(lambda t: target.objective(target.space.unflatten(t), cached), start,
-                      self.grad_tol, self.max_iter).params
+        return minimize_function(lambda t: target.objective(target.space.unflatten(t), cached),
+                                 start, self.grad_tol, self.max_iter).params
 
     def __repr__(self):
         return f"LBFGSRetrainer(grad_tol={self.grad_tol}, max_iter={self.max_iter})"
