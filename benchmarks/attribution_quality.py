@@ -22,6 +22,7 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,6 +63,12 @@ SUITES = {
     # The MLP parts of "full" at quick sizes: gap decomposition on digits and the MNIST MLP.
     "mlp": dict(loo_k=0, lds_subsets=0, mlp_pbrf_k=12, mlp_lds_subsets=20, mlp_cold=False,
                 mnist_mlp=True, decomposition=True, skip_linear=True),
+    # The digits MLP alone at quick sizes: our methods beside kronfluence (when installed).
+    "peers": dict(loo_k=0, lds_subsets=0, mlp_pbrf_k=12, mlp_lds_subsets=20, mlp_cold=False,
+                  mnist_mlp=False, decomposition=False, skip_linear=True),
+    # Removal curves on the MNIST logistic regression (Exact, Identity, random-k).
+    "removal": dict(removal_only=True, removal_queries=5, removal_ks=(10, 50, 100),
+                    mnist_mlp=False),
 }
 
 
@@ -143,6 +150,26 @@ def method_scores(target, train, query, damping, *, tracin=True, trak=True, kind
     return out
 
 
+def peer_scores(model, train, query, damping_factor) -> dict:
+    """kronfluence's EK-FAC and K-FAC scores of the same trained model (float64), when the
+    optional ``bench`` extra is installed: {"kronfluence_ekfac": (scores, seconds), ...}.
+    ``damping_factor = λ + l2`` (see benchmarks/_kronfluence.py for the mapping)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _kronfluence
+    if not _kronfluence.available():
+        log("  kronfluence is not installed (pip install 'influencekit[bench]'): its rows are "
+            "skipped")
+        return {}
+    out = {}
+    for strategy in ("ekfac", "kfac"):
+        try:
+            out[f"kronfluence_{strategy}"] = _kronfluence.pairwise(
+                model, train, query, strategy, damping_factor)
+        except Exception as exc:  # report, do not hide
+            log(f"  kronfluence_{strategy} failed: {type(exc).__name__}: {exc}")
+    return out
+
+
 def row(task, method, **values):
     base = {"task": task, "method": method, "loo_pearson": None, "lds": None,
             "lds_stderr": None, "pbrf_pearson": None, "mislabel_auc": None, "seconds": None}
@@ -185,6 +212,7 @@ def mlp_task(task, train, query, cfg, rows, hidden, damping, l2):
     theta0 = ik.Target(model, ik.ClassificationTask()).flat_params(torch.float64)
     target = train_target(model, train, l2=l2, seed_init=theta0, grad_tol=1e-8)
     scores = method_scores(target, train, query, damping=damping)
+    scores.update(peer_scores(model, train, query, damping + l2))
     rng = np.random.default_rng(1)
     removed = rng.choice(n, size=cfg["mlp_pbrf_k"], replace=False)
     t0 = time.time()
@@ -277,13 +305,54 @@ def mnist_mislabel(cfg, rows):
         log(f"  {name:9s} AUC {out['auc']:.3f}  found in top 10%: {out['found'][0.1]:.2f}")
 
 
+def mnist_removal(cfg, rows):
+    """Removal curves on the convex MNIST logistic regression: for a few queries, remove the
+    top-k training examples by Exact and by Identity (gradient similarity) scores, and k random
+    ones, retrain warm-started from θ̂ (L-BFGS to grad 1e-8) and record the change of the query's
+    loss. Rows ``mnist_removal`` carry ``k`` and ``mean_change`` / ``stderr`` over queries."""
+    from influencekit.data.mnist import mnist_split
+    from influencekit.evaluation import removal_curve
+    log("MNIST logistic regression removal curves (warm start)")
+    train, query = mnist_split(4500, 500, dims=50)
+    target = train_target(nn.Linear(50, 10).to(torch.float64), train, l2=1e-3, grad_tol=1e-10,
+                          seed_init=torch.zeros(510, dtype=torch.float64))
+    exact = ik.Exact(damping=0.0).fit(ik.Curvature(target, train, kind="ggn"), RUNTIME)
+    sc = ik.Influence(target, exact)
+    picked = np.random.default_rng(2).choice(len(query[1]), size=cfg["removal_queries"],
+                                             replace=False)
+    sub = tuple(t[torch.as_tensor(picked)] for t in query)
+    gq, gm = sc.query_gradients(sub, RUNTIME), sc.train_gradients(train, RUNTIME)
+    methods = {"Exact": sc.pairwise(sub, train, RUNTIME), "Identity": gq @ gm.T}
+    ks, retrainer = cfg["removal_ks"], LBFGSRetrainer(grad_tol=1e-8)
+    changes = {name: [] for name in (*methods, "random")}
+    t0 = time.time()
+    for q in range(len(picked)):
+        for name, s in methods.items():
+            curve = removal_curve(target, train, sub, q, s[q].numpy(), ks, retrainer,
+                                  random_seed=q, runtime=RUNTIME)
+            changes[name].append(curve["top"])
+            if name == "Exact":  # the random-k curve is the same for every method
+                changes["random"].append(curve["random"])
+    log(f"  {len(picked)} queries x {len(ks)} k: {time.time() - t0:.0f}s")
+    for name, values in changes.items():
+        v = np.asarray(values)
+        for j, k in enumerate(ks):
+            mean, se = float(v[:, j].mean()), float(v[:, j].std(ddof=1) / np.sqrt(len(v)))
+            rows.append(row("mnist_removal", name, k=k, mean_change=mean, stderr=se))
+            log(f"  {name:9s} k={k:4d}  mean Δloss {mean:+.4f} ± {se:.4f}")
+
+
 def run(suite: str) -> list[dict]:
     cfg = SUITES[suite]
     rows: list[dict] = []
     torch.set_num_threads(max(1, torch.get_num_threads()))
     warnings.filterwarnings("ignore", message=".*re-optimisation stopped.*")
-    tasks = (digits_mlp,) if cfg.get("skip_linear") else (mnist_logistic, digits_mlp,
-                                                           mnist_mislabel)
+    if cfg.get("removal_only"):
+        tasks = (mnist_removal,)
+    elif cfg.get("skip_linear"):
+        tasks = (digits_mlp,)
+    else:
+        tasks = (mnist_logistic, digits_mlp, mnist_mislabel)
     for task in tasks:
         t0 = time.time()
         task(cfg, rows)
