@@ -151,22 +151,30 @@ def method_scores(target, train, query, damping, *, tracin=True, trak=True, kind
 
 
 def peer_scores(model, train, query, damping_factor) -> dict:
-    """kronfluence's EK-FAC and K-FAC scores of the same trained model (float64), when the
-    optional ``bench`` extra is installed: {"kronfluence_ekfac": (scores, seconds), ...}.
+    """kronfluence's EK-FAC and K-FAC scores and dattri's TRAK scores of the same trained model
+    (float64), when the optional ``bench`` extra is installed:
+    {"kronfluence_ekfac": (scores [n_query, n_train], seconds), ...}.
     ``damping_factor = λ + l2`` (see benchmarks/_kronfluence.py for the mapping)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _kronfluence
+    out = {}
     if not _kronfluence.available():
         log("  kronfluence is not installed (pip install 'influencekit[bench]'): its rows are "
             "skipped")
-        return {}
-    out = {}
-    for strategy in ("ekfac", "kfac"):
+    for strategy in ("ekfac", "kfac") if _kronfluence.available() else ():
         try:
             out[f"kronfluence_{strategy}"] = _kronfluence.pairwise(
                 model, train, query, strategy, damping_factor)
         except Exception as exc:  # report, do not hide
             log(f"  kronfluence_{strategy} failed: {type(exc).__name__}: {exc}")
+    import _dattri
+    if not _dattri.available():
+        log("  dattri is not installed: its TRAK row is skipped")
+        return out
+    try:  # one checkpoint, 512 projections: the same budget as our TRAK row
+        out["dattri_trak"] = _dattri.trak_pairwise(model, train, query, proj_dim=512)
+    except Exception as exc:
+        log(f"  dattri_trak failed: {type(exc).__name__}: {exc}")
     return out
 
 
