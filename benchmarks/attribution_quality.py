@@ -178,6 +178,25 @@ def peer_scores(model, train, query, damping_factor) -> dict:
     return out
 
 
+def lossgrad_scores(target, train, query, damping, names) -> dict:
+    """{f"{name}_lossgrad": (scores, seconds)}: g_qᵀ(C+λI)⁻¹∇ℓ_m, i.e. our scores without the ∇R
+    part of the training gradient (a per-query constant), as kronfluence computes them."""
+    out = {}
+    curvature = ik.Curvature(target, train, kind="ggn")
+    reg = target.space.flatten(torch.func.grad(target.regularization)(
+        target.params(torch.float64)))
+    for name in names:
+        if name not in REGISTRY:
+            continue
+        t0 = time.time()
+        inverse = REGISTRY[name](damping=damping).fit(curvature, RUNTIME)
+        sc = ik.Influence(target, inverse)
+        shift = sc.precondition(query, RUNTIME).double() @ reg
+        out[f"{name}_lossgrad"] = (sc.pairwise(query, train, RUNTIME) - shift[:, None],
+                                   time.time() - t0)
+    return out
+
+
 def row(task, method, **values):
     base = {"task": task, "method": method, "loo_pearson": None, "lds": None,
             "lds_stderr": None, "pbrf_pearson": None, "mislabel_auc": None, "seconds": None}
@@ -220,7 +239,10 @@ def mlp_task(task, train, query, cfg, rows, hidden, damping, l2):
     theta0 = ik.Target(model, ik.ClassificationTask()).flat_params(torch.float64)
     target = train_target(model, train, l2=l2, seed_init=theta0, grad_tol=1e-8)
     scores = method_scores(target, train, query, damping=damping)
-    scores.update(peer_scores(model, train, query, damping + l2))
+    peers = peer_scores(model, train, query, damping + l2)
+    if peers:  # our K-FAC family and Exact with kronfluence's loss-only training gradients
+        scores.update(lossgrad_scores(target, train, query, damping, ("Exact", "KFAC", "EKFAC")))
+    scores.update(peers)
     rng = np.random.default_rng(1)
     removed = rng.choice(n, size=cfg["mlp_pbrf_k"], replace=False)
     t0 = time.time()
