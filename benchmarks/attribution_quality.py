@@ -3,10 +3,14 @@
 Suites:
   quick  (< 10 min on 2 idle cores): MNIST logistic regression (LOO Pearson, LDS), scikit-learn
          digits MLP (PBRF Pearson, LDS with warm-start retraining), MNIST 10% label flips
-         (mislabel AUC).
+         (mislabel AUC), removal curves on the MNIST logistic regression.
   full   : more removals and subsets, cold-start LDS for the MLP, an MNIST MLP, and the gap
          decomposition on the digits MLP.
   mlp    : the MLP parts of "full" at quick sizes (digits MLP + decomposition, MNIST MLP).
+  peers  : the digits MLP alone; with the optional ``bench`` extra (kronfluence, dattri) it adds
+           kronfluence_ekfac / kronfluence_kfac / dattri_trak rows and our Exact / KFAC / EKFAC
+           with loss-only training gradients (``*_lossgrad``) in the same harness.
+  removal: removal curves alone (rows task="mnist_removal" with k, mean_change, stderr).
 
     PYTHONPATH=src python benchmarks/attribution_quality.py --suite quick --json
 
@@ -57,9 +61,11 @@ def optional_settings(exact, p) -> dict:
 
 SUITES = {
     "quick": dict(loo_k=40, lds_subsets=30, mlp_pbrf_k=12, mlp_lds_subsets=20,
-                  mlp_cold=False, mnist_mlp=False, decomposition=False),
+                  mlp_cold=False, mnist_mlp=False, decomposition=False,
+                  removal_queries=20, removal_ks=(10, 50, 100)),
     "full": dict(loo_k=120, lds_subsets=100, mlp_pbrf_k=40, mlp_lds_subsets=50,
-                 mlp_cold=True, mnist_mlp=True, decomposition=True),
+                 mlp_cold=True, mnist_mlp=True, decomposition=True,
+                 removal_queries=50, removal_ks=(10, 50, 100, 200)),
     # The MLP parts of "full" at quick sizes: gap decomposition on digits and the MNIST MLP.
     "mlp": dict(loo_k=0, lds_subsets=0, mlp_pbrf_k=12, mlp_lds_subsets=20, mlp_cold=False,
                 mnist_mlp=True, decomposition=True, skip_linear=True),
@@ -67,7 +73,7 @@ SUITES = {
     "peers": dict(loo_k=0, lds_subsets=0, mlp_pbrf_k=12, mlp_lds_subsets=20, mlp_cold=False,
                   mnist_mlp=False, decomposition=False, skip_linear=True),
     # Removal curves on the MNIST logistic regression (Exact, Identity, random-k).
-    "removal": dict(removal_only=True, removal_queries=5, removal_ks=(10, 50, 100),
+    "removal": dict(removal_only=True, removal_queries=20, removal_ks=(10, 50, 100),
                     mnist_mlp=False),
 }
 
@@ -382,7 +388,7 @@ def run(suite: str) -> list[dict]:
     elif cfg.get("skip_linear"):
         tasks = (digits_mlp,)
     else:
-        tasks = (mnist_logistic, digits_mlp, mnist_mislabel)
+        tasks = (mnist_logistic, digits_mlp, mnist_mislabel, mnist_removal)
     for task in tasks:
         t0 = time.time()
         task(cfg, rows)
