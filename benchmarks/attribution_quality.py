@@ -184,21 +184,24 @@ def peer_scores(model, train, query, damping_factor) -> dict:
     return out
 
 
-def lossgrad_scores(target, train, query, damping, names) -> dict:
-    """{f"{name}_lossgrad": (scores, seconds)}: g_qᵀ(C+λI)⁻¹∇ℓ_m, i.e. our scores without the ∇R
-    part of the training gradient (a per-query constant), as kronfluence computes them."""
+def lossgrad_scores(target, train, query, damping, methods) -> dict:
+    """{"<name>[_sampled]_lossgrad": (scores, seconds)} for ``methods`` = ((name, kwargs), ...):
+    g_qᵀ(C+λI)⁻¹∇ℓ_m, i.e. our scores without the ∇R part of the training gradient (a per-query
+    constant), as kronfluence computes them; ``_sampled`` = one sampled label per example for
+    the K-FAC factors, as kronfluence's true-Fisher mode does."""
     out = {}
     curvature = ik.Curvature(target, train, kind="ggn")
     reg = target.space.flatten(torch.func.grad(target.regularization)(
         target.params(torch.float64)))
-    for name in names:
+    for name, kwargs in methods:
         if name not in REGISTRY:
             continue
         t0 = time.time()
-        inverse = REGISTRY[name](damping=damping).fit(curvature, RUNTIME)
+        inverse = REGISTRY[name](damping=damping, **kwargs).fit(curvature, RUNTIME)
         sc = ik.Influence(target, inverse)
         shift = sc.precondition(query, RUNTIME).double() @ reg
-        out[f"{name}_lossgrad"] = (sc.pairwise(query, train, RUNTIME) - shift[:, None],
+        label = f"{name}_sampled" if kwargs.get("labels") == "sampled" else name
+        out[f"{label}_lossgrad"] = (sc.pairwise(query, train, RUNTIME) - shift[:, None],
                                    time.time() - t0)
     return out
 
@@ -247,7 +250,9 @@ def mlp_task(task, train, query, cfg, rows, hidden, damping, l2):
     scores = method_scores(target, train, query, damping=damping)
     peers = peer_scores(model, train, query, damping + l2)
     if peers:  # our K-FAC family and Exact with kronfluence's loss-only training gradients
-        scores.update(lossgrad_scores(target, train, query, damping, ("Exact", "KFAC", "EKFAC")))
+        scores.update(lossgrad_scores(target, train, query, damping, (
+            ("Exact", {}), ("KFAC", {}), ("EKFAC", {}),
+            ("KFAC", {"labels": "sampled"}), ("EKFAC", {"labels": "sampled"}))))
     scores.update(peers)
     rng = np.random.default_rng(1)
     removed = rng.choice(n, size=cfg["mlp_pbrf_k"], replace=False)
