@@ -3,10 +3,14 @@
 Suites:
   quick  (< 10 min on 2 idle cores): MNIST logistic regression (LOO Pearson, LDS), scikit-learn
          digits MLP (PBRF Pearson, LDS with warm-start retraining), MNIST 10% label flips
-         (mislabel AUC).
+         (mislabel AUC), removal curves on the MNIST logistic regression.
   full   : more removals and subsets, cold-start LDS for the MLP, an MNIST MLP, and the gap
          decomposition on the digits MLP.
   mlp    : the MLP parts of "full" at quick sizes (digits MLP + decomposition, MNIST MLP).
+  peers  : the digits MLP alone; with the optional ``bench`` extra (kronfluence, dattri) it adds
+           kronfluence_ekfac / kronfluence_kfac / dattri_trak rows and our Exact / KFAC / EKFAC
+           with loss-only training gradients (``*_lossgrad``) in the same harness.
+  removal: removal curves alone (rows task="mnist_removal" with k, mean_change, stderr).
 
     PYTHONPATH=src python benchmarks/attribution_quality.py --suite quick --json
 
@@ -22,6 +26,7 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,12 +61,20 @@ def optional_settings(exact, p) -> dict:
 
 SUITES = {
     "quick": dict(loo_k=40, lds_subsets=30, mlp_pbrf_k=12, mlp_lds_subsets=20,
-                  mlp_cold=False, mnist_mlp=False, decomposition=False),
+                  mlp_cold=False, mnist_mlp=False, decomposition=False,
+                  removal_queries=20, removal_ks=(10, 50, 100)),
     "full": dict(loo_k=120, lds_subsets=100, mlp_pbrf_k=40, mlp_lds_subsets=50,
-                 mlp_cold=True, mnist_mlp=True, decomposition=True),
+                 mlp_cold=True, mnist_mlp=True, decomposition=True,
+                 removal_queries=50, removal_ks=(10, 50, 100, 200)),
     # The MLP parts of "full" at quick sizes: gap decomposition on digits and the MNIST MLP.
     "mlp": dict(loo_k=0, lds_subsets=0, mlp_pbrf_k=12, mlp_lds_subsets=20, mlp_cold=False,
                 mnist_mlp=True, decomposition=True, skip_linear=True),
+    # The digits MLP alone at quick sizes: our methods beside kronfluence (when installed).
+    "peers": dict(loo_k=0, lds_subsets=0, mlp_pbrf_k=12, mlp_lds_subsets=20, mlp_cold=False,
+                  mnist_mlp=False, decomposition=False, skip_linear=True),
+    # Removal curves on the MNIST logistic regression (Exact, Identity, random-k).
+    "removal": dict(removal_only=True, removal_queries=20, removal_ks=(10, 50, 100),
+                    mnist_mlp=False),
 }
 
 
@@ -143,6 +156,56 @@ def method_scores(target, train, query, damping, *, tracin=True, trak=True, kind
     return out
 
 
+def peer_scores(model, train, query, damping_factor) -> dict:
+    """kronfluence's EK-FAC and K-FAC scores and dattri's TRAK scores of the same trained model
+    (float64), when the optional ``bench`` extra is installed:
+    {"kronfluence_ekfac": (scores [n_query, n_train], seconds), ...}.
+    ``damping_factor = λ + l2`` (see benchmarks/_kronfluence.py for the mapping)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _kronfluence
+    out = {}
+    if not _kronfluence.available():
+        log("  kronfluence is not installed (pip install 'influencekit[bench]'): its rows are "
+            "skipped")
+    for strategy in ("ekfac", "kfac") if _kronfluence.available() else ():
+        try:
+            out[f"kronfluence_{strategy}"] = _kronfluence.pairwise(
+                model, train, query, strategy, damping_factor)
+        except Exception as exc:  # report, do not hide
+            log(f"  kronfluence_{strategy} failed: {type(exc).__name__}: {exc}")
+    import _dattri
+    if not _dattri.available():
+        log("  dattri is not installed: its TRAK row is skipped")
+        return out
+    try:  # one checkpoint, 512 projections: the same budget as our TRAK row
+        out["dattri_trak"] = _dattri.trak_pairwise(model, train, query, proj_dim=512)
+    except Exception as exc:
+        log(f"  dattri_trak failed: {type(exc).__name__}: {exc}")
+    return out
+
+
+def lossgrad_scores(target, train, query, damping, methods) -> dict:
+    """{"<name>[_sampled]_lossgrad": (scores, seconds)} for ``methods`` = ((name, kwargs), ...):
+    g_qᵀ(C+λI)⁻¹∇ℓ_m, i.e. our scores without the ∇R part of the training gradient (a per-query
+    constant), as kronfluence computes them; ``_sampled`` = one sampled label per example for
+    the K-FAC factors, as kronfluence's true-Fisher mode does."""
+    out = {}
+    curvature = ik.Curvature(target, train, kind="ggn")
+    reg = target.space.flatten(torch.func.grad(target.regularization)(
+        target.params(torch.float64)))
+    for name, kwargs in methods:
+        if name not in REGISTRY:
+            continue
+        t0 = time.time()
+        inverse = REGISTRY[name](damping=damping, **kwargs).fit(curvature, RUNTIME)
+        sc = ik.Influence(target, inverse)
+        shift = sc.precondition(query, RUNTIME).double() @ reg
+        label = f"{name}_sampled" if kwargs.get("labels") == "sampled" else name
+        out[f"{label}_lossgrad"] = (sc.pairwise(query, train, RUNTIME) - shift[:, None],
+                                   time.time() - t0)
+    return out
+
+
 def row(task, method, **values):
     base = {"task": task, "method": method, "loo_pearson": None, "lds": None,
             "lds_stderr": None, "pbrf_pearson": None, "mislabel_auc": None, "seconds": None}
@@ -185,6 +248,12 @@ def mlp_task(task, train, query, cfg, rows, hidden, damping, l2):
     theta0 = ik.Target(model, ik.ClassificationTask()).flat_params(torch.float64)
     target = train_target(model, train, l2=l2, seed_init=theta0, grad_tol=1e-8)
     scores = method_scores(target, train, query, damping=damping)
+    peers = peer_scores(model, train, query, damping + l2)
+    if peers:  # our K-FAC family and Exact with kronfluence's loss-only training gradients
+        scores.update(lossgrad_scores(target, train, query, damping, (
+            ("Exact", {}), ("KFAC", {}), ("EKFAC", {}),
+            ("KFAC", {"labels": "sampled"}), ("EKFAC", {"labels": "sampled"}))))
+    scores.update(peers)
     rng = np.random.default_rng(1)
     removed = rng.choice(n, size=cfg["mlp_pbrf_k"], replace=False)
     t0 = time.time()
@@ -277,13 +346,54 @@ def mnist_mislabel(cfg, rows):
         log(f"  {name:9s} AUC {out['auc']:.3f}  found in top 10%: {out['found'][0.1]:.2f}")
 
 
+def mnist_removal(cfg, rows):
+    """Removal curves on the convex MNIST logistic regression: for a few queries, remove the
+    top-k training examples by Exact and by Identity (gradient similarity) scores, and k random
+    ones, retrain warm-started from θ̂ (L-BFGS to grad 1e-8) and record the change of the query's
+    loss. Rows ``mnist_removal`` carry ``k`` and ``mean_change`` / ``stderr`` over queries."""
+    from influencekit.data.mnist import mnist_split
+    from influencekit.evaluation import removal_curve
+    log("MNIST logistic regression removal curves (warm start)")
+    train, query = mnist_split(4500, 500, dims=50)
+    target = train_target(nn.Linear(50, 10).to(torch.float64), train, l2=1e-3, grad_tol=1e-10,
+                          seed_init=torch.zeros(510, dtype=torch.float64))
+    exact = ik.Exact(damping=0.0).fit(ik.Curvature(target, train, kind="ggn"), RUNTIME)
+    sc = ik.Influence(target, exact)
+    picked = np.random.default_rng(2).choice(len(query[1]), size=cfg["removal_queries"],
+                                             replace=False)
+    sub = tuple(t[torch.as_tensor(picked)] for t in query)
+    gq, gm = sc.query_gradients(sub, RUNTIME), sc.train_gradients(train, RUNTIME)
+    methods = {"Exact": sc.pairwise(sub, train, RUNTIME), "Identity": gq @ gm.T}
+    ks, retrainer = cfg["removal_ks"], LBFGSRetrainer(grad_tol=1e-8)
+    changes = {name: [] for name in (*methods, "random")}
+    t0 = time.time()
+    for q in range(len(picked)):
+        for name, s in methods.items():
+            curve = removal_curve(target, train, sub, q, s[q].numpy(), ks, retrainer,
+                                  random_seed=q, runtime=RUNTIME)
+            changes[name].append(curve["top"])
+            if name == "Exact":  # the random-k curve is the same for every method
+                changes["random"].append(curve["random"])
+    log(f"  {len(picked)} queries x {len(ks)} k: {time.time() - t0:.0f}s")
+    for name, values in changes.items():
+        v = np.asarray(values)
+        for j, k in enumerate(ks):
+            mean, se = float(v[:, j].mean()), float(v[:, j].std(ddof=1) / np.sqrt(len(v)))
+            rows.append(row("mnist_removal", name, k=k, mean_change=mean, stderr=se))
+            log(f"  {name:9s} k={k:4d}  mean Δloss {mean:+.4f} ± {se:.4f}")
+
+
 def run(suite: str) -> list[dict]:
     cfg = SUITES[suite]
     rows: list[dict] = []
     torch.set_num_threads(max(1, torch.get_num_threads()))
     warnings.filterwarnings("ignore", message=".*re-optimisation stopped.*")
-    tasks = (digits_mlp,) if cfg.get("skip_linear") else (mnist_logistic, digits_mlp,
-                                                           mnist_mislabel)
+    if cfg.get("removal_only"):
+        tasks = (mnist_removal,)
+    elif cfg.get("skip_linear"):
+        tasks = (digits_mlp,)
+    else:
+        tasks = (mnist_logistic, digits_mlp, mnist_mislabel, mnist_removal)
     for task in tasks:
         t0 = time.time()
         task(cfg, rows)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -325,54 +324,23 @@ def _short_info(inverse) -> dict:
 
 
 def run_kronfluence(method: dict, spec: dict, device: str, damping: float) -> dict:
-    from kronfluence.analyzer import Analyzer, prepare_model
+    from _kronfluence import Session  # benchmarks/ is on sys.path when run as a script
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
     from torch.utils.data import TensorDataset
 
-    class SumCrossEntropy(Task):
-        """Sum-reduced cross-entropy; labels sampled from the model when ``sample``."""
-
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = torch.multinomial(logits.detach().softmax(-1), 1).flatten()
-            return nn.functional.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return nn.functional.cross_entropy(model(x), y, reduction="sum")
-
-    logging.getLogger().setLevel(logging.WARNING)
     model, train, query = load_task(spec)
-    model = prepare_model(model.to(device), SumCrossEntropy())
     train_set, query_set = TensorDataset(*train), TensorDataset(*query)
     factor_args = FactorArguments(strategy=method["kron"],
                                   use_empirical_fisher=method["empirical"])
     score_args = ScoreArguments(damping_factor=damping)
     n_query = len(query[0])
-    with tempfile.TemporaryDirectory() as out:
-        analyzer = Analyzer("bench", model, SumCrossEntropy(), cpu=not device.startswith("cuda"),
-                            disable_tqdm=True, output_dir=out, log_level=logging.WARNING)
-
-        def fit_and_score(name, train_data, query_data, nq):
-            t0 = time.perf_counter()
-            analyzer.fit_all_factors(name, train_data, per_device_batch_size=256,
-                                     factor_args=factor_args, overwrite_output_dir=True)
-            t1 = time.perf_counter()
-            analyzer.compute_pairwise_scores(
-                name, name, query_data, train_data, per_device_query_batch_size=nq,
-                per_device_train_batch_size=256, score_args=score_args,
-                overwrite_output_dir=True)
-            scores = analyzer.load_pairwise_scores(name)["all_modules"]
-            return t1 - t0, time.perf_counter() - t1, scores
-
+    with Session(model, device) as session:
         small = TensorDataset(*(t[:64] for t in train))
-        fit_and_score("warmup", small, TensorDataset(*(t[:2] for t in query)), 2)
+        session.fit_and_score("warmup", small, TensorDataset(*(t[:2] for t in query)), 2,
+                              factor_args, score_args)
         with MemoryMeter(device) as meter:
-            fit_s, score_s, scores = fit_and_score("full", train_set, query_set, n_query)
+            fit_s, score_s, scores = session.fit_and_score("full", train_set, query_set, n_query,
+                                                           factor_args, score_args)
     scores = scores.double().cpu().numpy()
     return {"fit_s": fit_s, "score_s": score_s, "peak_mb": meter.peak_mb, "scores": scores,
             "scores_lossgrad": scores, "info": {"damping_factor": damping}}

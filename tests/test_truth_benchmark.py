@@ -27,3 +27,9 @@ def test_quick_attribution_suite_bounds():
     assert get[("digits_mlp", "Identity")]["pbrf_pearson"] < mlp_exact["pbrf_pearson"]
     # Self-influence finds flipped labels far better than chance.
     assert get[("mnist_mislabel", "Exact")]["mislabel_auc"] >= 0.9
+    # Removal curves: taking away the 100 examples Exact ranks most helpful raises the query loss
+    # far more than 100 random ones (a wrong sign would lower it).
+    top = {(r["method"], r["k"]): r["mean_change"] for r in rows if r["task"] == "mnist_removal"}
+    assert top[("Exact", 100)] > 0.5
+    assert top[("Exact", 100)] > 20 * abs(top[("random", 100)])
+    assert top[("Exact", 100)] > top[("Exact", 10)] > 0
