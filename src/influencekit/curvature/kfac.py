@@ -160,13 +160,21 @@ def kronecker_factors(curvature, runtime: Runtime, layers: list[HookedLayer],
              for layer in layers}
     s_sum = {layer.name: torch.zeros(layer.d_out, layer.d_out, dtype=F64, device=runtime.device)
              for layer in layers}
+    total = _stream_weighted(curvature, runtime, layers, sampler,
+                             lambda w, acts, label_sets: _accumulate_factors(
+                                 acts, label_sets, w, a_sum, s_sum))
+    return {name: (_sym(a_sum[name] / total), _sym(s_sum[name] / total)) for name in a_sum}
+
+
+def _stream_weighted(curvature, runtime, layers, sampler, accumulate) -> float:
+    """One pass over the data calling ``accumulate(w, acts, label_sets)`` per batch; Σw."""
     total = 0.0
     stream = iter_layer_batches(curvature, runtime, layers, sampler)
     with closing(stream):  # removes the hooks at once, also when this loop raises
         for w, acts, label_sets in stream:
             total += float(w.sum())
-            _accumulate_factors(acts, label_sets, w, a_sum, s_sum)
-    return {name: (_sym(a_sum[name] / total), _sym(s_sum[name] / total)) for name in a_sum}
+            accumulate(w, acts, label_sets)
+    return total
 
 
 def _accumulate_factors(acts, label_sets, w, a_sum, s_sum):
@@ -187,12 +195,9 @@ def eigenvalue_corrections(curvature, runtime: Runtime, layers: list[HookedLayer
     eigenbasis, ``bases = {layer: (Q_A, Q_S)}`` (float64)."""
     sums = {layer.name: torch.zeros(layer.d_out, layer.width, dtype=F64, device=runtime.device)
             for layer in layers}
-    total = 0.0
-    stream = iter_layer_batches(curvature, runtime, layers, sampler)
-    with closing(stream):  # removes the hooks at once, also when this loop raises
-        for w, acts, label_sets in stream:
-            total += float(w.sum())
-            _accumulate_corrections(acts, label_sets, bases, sums)
+    total = _stream_weighted(curvature, runtime, layers, sampler,
+                             lambda w, acts, label_sets: _accumulate_corrections(
+                                 acts, label_sets, bases, sums))
     return {name: s / total for name, s in sums.items()}
 
 
