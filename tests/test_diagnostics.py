@@ -145,7 +145,7 @@ class Richardson(InverseCurvature):
     def _fit(self, curvature, runtime):
         self.matrix_ = curvature.dense(runtime)
 
-    def _solve(self, grads):
+    def _solve(self, grads, runtime=None):
         a = self.matrix_ + self.damping * torch.eye(self.matrix_.shape[0], dtype=torch.float64)
         omega = 1.0 / float(torch.linalg.eigvalsh(a)[-1])
         x = torch.zeros_like(grads, dtype=torch.float64)
@@ -160,7 +160,7 @@ class Richardson(InverseCurvature):
 class Negated(ik.Exact):
     """Exact with the sign flipped: a method that disagrees completely."""
 
-    def _solve(self, grads):
+    def _solve(self, grads, runtime=None):
         return -super()._solve(grads)
 
 

@@ -57,7 +57,7 @@ def test_no_parameter_requires_grad():
         p.requires_grad_(False)
     with pytest.raises(NoTrainableParametersError, match="requires_grad"):
         ik.Target(model, ik.ClassificationTask())
-    with pytest.raises(ValueError, match="unknown parameter names"):
+    with pytest.raises(ValueError, match="neither a parameter nor a module"):
         ik.Target(mlp(), ik.ClassificationTask(), params=["nope"])
 
 

@@ -37,7 +37,7 @@ def test_dataset_gradients_equal_autograd_of_each_loss():
         expected = torch.cat([p.grad.ravel() for p in model.parameters()])
         torch.testing.assert_close(g[i], expected, rtol=1e-12, atol=1e-14)
     # measurement gradients do not include the regulariser
-    gq = gradients(target, (x, y), which="measurement")
+    gq = gradients(target, (x, y), of="measurement")
     out = model(x[3:4])[0]
     margin = out[y[3]] - torch.cat([out[:y[3]], out[y[3] + 1:]]).max()
     expected = torch.autograd.grad(margin, list(model.parameters()))

@@ -42,7 +42,7 @@ CASES = [
     Case("ekfac_diag", lambda lam: ik.EKFAC(damping=lam, labels="sampled", n_samples=2),
          "diagonal", 1e-10),
     Case("cg", lambda lam: ik.CG(damping=lam, max_iter=50, tol=1e-12), "dense", 1e-10),
-    Case("lissa", lambda lam: ik.LiSSA(damping=lam, scale=5.0, depth=150), "dense", 1e-10),
+    Case("lissa", lambda lam: ik.LiSSA(damping=lam, scale=5.0, n_iter=150), "dense", 1e-10),
     Case("arnoldi_full", lambda lam: ik.Arnoldi(damping=lam, rank=10, n_iter=10), "dense",
          1e-9),
     Case("arnoldi_low_rank", lambda lam: ik.Arnoldi(damping=lam, rank=3, n_iter=7,

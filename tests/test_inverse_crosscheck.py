@@ -107,11 +107,11 @@ def test_lissa_deterministic_reaches_damped_inverse(mlp):
     rate = 1 - float(values[0] + damping) / scale
     depth = math.ceil(math.log(1e-11) / math.log(rate))
     g = _rows(p)
-    lissa = ik.LiSSA(damping=damping, scale=scale, depth=depth).fit(curvature)
+    lissa = ik.LiSSA(damping=damping, scale=scale, n_iter=depth).fit(curvature)
     expected = torch.linalg.solve(dense + damping * torch.eye(p, dtype=torch.float64), g.T).T
     assert _rel(lissa.solve(g), expected) < 1e-9
     # the scale is only a step size: a larger one reaches the same point with more steps
-    lissa2 = ik.LiSSA(damping=damping, scale=2 * scale, depth=2 * depth).fit(curvature)
+    lissa2 = ik.LiSSA(damping=damping, scale=2 * scale, n_iter=2 * depth).fit(curvature)
     assert _rel(lissa2.solve(g), expected) < 1e-9
 
 
@@ -124,7 +124,7 @@ def test_lissa_stochastic_mean_approaches_fixed_point(mlp):
     g = _rows(p, k=1)
     expected = torch.linalg.solve(dense + damping * torch.eye(p, dtype=torch.float64), g.T).T
     scale = 3 * float(values[-1] + damping)
-    lissa = ik.LiSSA(damping=damping, scale=scale, depth=150, repeats=8, num_samples=10)
+    lissa = ik.LiSSA(damping=damping, scale=scale, n_iter=150, repeats=8, minibatch_size=10)
     out = lissa.fit(curvature).solve(g)
     assert not lissa.deterministic
     assert _rel(out, expected) < 0.05  # observed 0.005 (seeded)
@@ -205,7 +205,7 @@ def test_block_does_not_fit_the_users_method_in_place():
 def test_lissa_divergence_raises_with_advice(mlp):
     curvature, dense = mlp
     top = float(torch.linalg.eigvalsh(dense)[-1])
-    lissa = ik.LiSSA(damping=DAMPING, scale=top / 4, depth=200).fit(curvature)
+    lissa = ik.LiSSA(damping=DAMPING, scale=top / 4, n_iter=200).fit(curvature)
     with pytest.raises(ConvergenceError, match="increase scale") as info:
         lissa.solve(_rows(dense.shape[0]))
     # the suggested scale is above the largest eigenvalue, so following the advice converges
@@ -287,7 +287,7 @@ def test_influence_scores_agree_across_methods(mlp):
     top = float(torch.linalg.eigvalsh(dense)[-1])
     others = [ik.CG(damping=damping, tol=1e-12, max_iter=4 * p),
               ik.Arnoldi(damping=damping, rank=p, n_iter=p),
-              ik.LiSSA(damping=damping, scale=1.1 * (top + damping), depth=200)]
+              ik.LiSSA(damping=damping, scale=1.1 * (top + damping), n_iter=200)]
     for method in others:
         scores = ik.Influence(target, method.fit(curvature)).pairwise(query, train)
         assert scores.shape == (4, 20)
@@ -301,7 +301,7 @@ def test_lissa_minibatches_from_a_dataloader_match_tensor_data(mlp):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
     from_loader = ik.Curvature(curvature.target, loader, kind="ggn")
     g = _rows(dense.shape[0], k=2)
-    settings = dict(damping=0.1, scale=2.0, depth=20, num_samples=8, seed=5)
+    settings = dict(damping=0.1, scale=2.0, n_iter=20, minibatch_size=8, seed=5)
     a = ik.LiSSA(**settings).fit(curvature).solve(g)
     b = ik.LiSSA(**settings).fit(from_loader).solve(g)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -443,7 +443,7 @@ def test_per_module_scores_are_per_block_influence():
     curvature = ik.Curvature(target, train, kind="ggn")
     parts = ik.Influence(target, ik.KFAC(1e-2).fit(curvature)).pairwise_per_module(query, train)
     dense = curvature.dense()
-    g_q, g_m = gradients(target, query, which="measurement"), gradients(target, train)
+    g_q, g_m = gradients(target, query, of="measurement"), gradients(target, train)
     for module, idx in _module_positions(target).items():
         block = dense[idx[:, None], idx[None, :]] + 1e-2 * torch.eye(len(idx), dtype=F64)
         expected = g_q[:, idx] @ torch.linalg.solve(block, g_m[:, idx].T)

@@ -10,7 +10,7 @@ The one-screen view::
 Sign and scale of every score: ``influencekit.conventions``.
 """
 
-from . import conventions, correction, diagnostics, errors, evaluation
+from . import conventions, correction, diagnostics, errors, evaluation, grads, response, storage
 from .curvature import Curvature
 from .inverse import (
                       CG,
@@ -28,13 +28,22 @@ from .inverse import (
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
 from .scoring import TRAK, Influence, TracIn
-from .task import ClassificationTask, L2Regularizer, RegressionTask, Target, Task
+from .task import (
+    CausalLMTask,
+    ClassificationTask,
+    L2Regularizer,
+    RegressionTask,
+    SequenceClassificationTask,
+    Target,
+    Task,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     # what is computed for
-    "Task", "ClassificationTask", "RegressionTask", "L2Regularizer", "Target",
+    "Task", "ClassificationTask", "RegressionTask", "SequenceClassificationTask", "CausalLMTask",
+    "L2Regularizer", "Target",
     # what is inverted, and how
     "Curvature", "InverseCurvature", "Exact", "CG", "LiSSA", "Arnoldi", "KFAC", "EKFAC",
     "Diagonal", "Identity", "BlockDiagonal", "block_diagonal",
@@ -45,6 +54,7 @@ __all__ = [
     # how to run
     "Runtime",
     # sub-packages
-    "conventions", "errors", "diagnostics", "correction", "evaluation",
+    "conventions", "errors", "diagnostics", "correction", "evaluation", "grads", "response",
+    "storage",
     "__version__",
 ]

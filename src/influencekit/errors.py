@@ -57,3 +57,8 @@ class UnsupportedModuleError(InfluenceKitError):
 
 class DataUnavailableError(InfluenceKitError):
     """An offline data set is not installed on this machine."""
+
+
+class ModelMismatchError(InfluenceKitError):
+    """Fitted state (an inverse, a store) belongs to another model, or to other parameter
+    values of this one, than the model it is used with."""

@@ -24,6 +24,9 @@ class Runtime:
         batch_size: examples per batch when influencekit builds a loader from tensors.
         progress: show progress bars; ``None`` shows them only when stderr is a terminal.
         max_dense_bytes: memory budget of one dense ``[p, p]`` curvature matrix in float64.
+        engine: how per-example gradients are computed: ``"auto"`` (layer hooks where the
+            layer is supported, else vmap, else a per-example loop), ``"hooks"``, ``"vmap"``
+            or ``"loop"`` (see :class:`influencekit.grads.GradientEngine`).
     """
 
     device: str | torch.device = "cpu"
@@ -31,6 +34,7 @@ class Runtime:
     batch_size: int = 256
     progress: bool | None = None
     max_dense_bytes: int = 4 * 1024**3
+    engine: str = "auto"
 
     def replace(self, **changes) -> Runtime:
         """Return a copy with some fields changed."""

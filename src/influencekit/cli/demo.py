@@ -14,7 +14,7 @@ from ..curvature import Curvature
 from ..data import load_digits_split
 from ..inverse import Exact
 from ..report import plot_response_curves, render_examples_report, top_examples
-from ..response import response_curve
+from ..response import batch_schedule, response_curve, train, write_params
 from ..runtime import Runtime
 from ..scoring import Influence
 from ..storage import save_tensors
@@ -65,24 +65,23 @@ class DigitsDemo:
     trust: object = None  # the TrustReport when run with trust=True
 
 
-def train_mlp(x, y, hidden: int, weight_decay: float, epochs: int, runtime: Runtime,
+def train_mlp(x, y, hidden: int, l2_strength: float, epochs: int, runtime: Runtime,
               seed: int = 0) -> nn.Module:
-    """Full-batch Adam on mean cross-entropy + (weight_decay/2)‖θ‖², float64."""
+    """Full-batch Adam (lr 0.01, float64) on mean cross-entropy + (l2_strength/2)‖θ‖², through
+    the library's training loop; returns the trained model."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.Tanh(),
                           nn.Linear(hidden, int(y.max()) + 1)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in runtime.bar(range(epochs), desc="training MLP", unit="epoch"):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss = loss + 0.5 * weight_decay * sum((p ** 2).sum() for p in model.parameters())
-        loss.backward()
-        opt.step()
+    target = Target(model, ClassificationTask(), regularizer=L2Regularizer(l2_strength))
+    schedule = batch_schedule(len(y), batch_size=None, epochs=epochs)
+    result = train(target, (x, y), schedule, optimizer="adam", lr=0.01, runtime=runtime,
+                   desc="training MLP")
+    write_params(target, result.params)
     return model
 
 
 def digits_demo(out: str | Path = "influence_report", *, n_train: int = 1200, hidden: int = 32,
-                epochs: int = 500, weight_decay: float = 1e-3, damping: float = 1e-3,
+                epochs: int = 500, l2_strength: float = 1e-3, damping: float = 1e-3,
                 top: int = 3, max_queries: int = 10, trust: bool = False,
                 runtime: Runtime | None = None, echo=print) -> DigitsDemo:
     """Train a digits MLP, explain its misclassified test images, write a report to ``out``.
@@ -92,14 +91,14 @@ def digits_demo(out: str | Path = "influence_report", *, n_train: int = 1200, hi
     runtime = runtime or Runtime()
     out = Path(out)
     split = load_digits_split(n_train=n_train)
-    model = train_mlp(split.x_train, split.y_train, hidden, weight_decay, epochs, runtime)
+    model = train_mlp(split.x_train, split.y_train, hidden, l2_strength, epochs, runtime)
     with torch.no_grad():
         train_acc = float((model(split.x_train).argmax(1) == split.y_train).double().mean())
         pred = model(split.x_test).argmax(1)
     wrong = (pred != split.y_test).nonzero()[:, 0][:max_queries]
     test_acc = float((pred == split.y_test).double().mean())
     target = Target(model, ClassificationTask(measurement="loss"),
-                    regularizer=L2Regularizer(weight_decay))
+                    regularizer=L2Regularizer(l2_strength))
     echo(f"digits MLP 64-{hidden}-10 (p = {target.num_params:,}): train accuracy "
          f"{train_acc:.3f}, test accuracy {test_acc:.3f}; explaining {len(wrong)} misclassified "
          "test images")

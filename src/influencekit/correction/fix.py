@@ -17,18 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import default_collate
 
 from ..diagnostics.common import copy_target
-from ..grads.data import as_loader
-from ..grads.stream import gradients
+from ..grads import as_loader, cast_batch, collate, gradients, iter_batches, num_examples
 from ..inverse.base import InverseCurvature
-from ..response.optimize import write_params
+from ..response import check_optimizer, write_params
+from ..response import train as run_training
 from ..runtime import Runtime, resolve_runtime
-from ..task.target import Target, _cast_floating
+from ..task.target import Target
 
 SELECTORS = ("influence", "random", "gradient_similarity")
-OPTIMIZERS = ("adam", "sgd", "normalized")
 
 
 @dataclass
@@ -70,14 +68,6 @@ class FixResult:
         return self.heldout_accuracy_after - self.heldout_accuracy_before
 
 
-def _fetch(train, runtime: Runtime, indices: list[int]):
-    dataset = as_loader(train, runtime, "training data").dataset
-    idx = torch.as_tensor(indices, dtype=torch.long)
-    if hasattr(dataset, "tensors"):
-        return tuple(t[idx] for t in dataset.tensors)
-    return default_collate([dataset[int(i)] for i in idx])
-
-
 def query_gradient(target: Target, query_x: torch.Tensor, desired_label: int,
                    runtime: Runtime | None = None) -> torch.Tensor:
     """g_q = ∇θ ℓ(query_x, desired_label) at the Target's parameters, ``[p]`` (no regulariser).
@@ -85,16 +75,17 @@ def query_gradient(target: Target, query_x: torch.Tensor, desired_label: int,
     ``query_x`` is ONE example without a batch dimension.
     """
     runtime = resolve_runtime(runtime)
-    params = target.params(runtime.dtype, runtime.device)
-    batch = _query_batch(query_x, desired_label, params, runtime)
-    grads = torch.func.grad(lambda p: target.losses(p, batch).sum())(params)
-    return target.space.flatten(grads)
+    return gradients(target, query_batch(query_x, desired_label), runtime, of="loss",
+                     include_regularizer=False)[0]
 
 
-def _query_batch(query_x, label, params, runtime):
-    some = next(iter(params.values()))
-    x = _cast_floating(query_x.unsqueeze(0), some.dtype, runtime.device)
-    return (x, torch.tensor([int(label)], device=runtime.device))
+def query_batch(query_x, label: int):
+    """The query as a batch of one ``(x [1, ...], y [1])`` (dict inputs: each tensor gains a
+    batch dimension and the label goes under ``"labels"``)."""
+    y = torch.tensor([int(label)])
+    if isinstance(query_x, dict):
+        return {**{k: v.unsqueeze(0) for k, v in query_x.items()}, "labels": y}
+    return (query_x.unsqueeze(0), y)
 
 
 def selection_scores(target: Target, inverse: InverseCurvature | None, train, query_x,
@@ -110,11 +101,11 @@ def selection_scores(target: Target, inverse: InverseCurvature | None, train, qu
     runtime = resolve_runtime(runtime)
     g_q = query_gradient(target, query_x, desired_label, runtime)
     if train_gradients is None:
-        train_gradients = gradients(target, train, runtime, which="loss")
+        train_gradients = gradients(target, train, runtime, of="loss")
     if selector == "influence":
         if inverse is None:
             raise ValueError("selector='influence' needs a fitted inverse")
-        direction = inverse.solve(g_q.to(torch.float64))
+        direction = inverse.solve(g_q.to(torch.float64), runtime)
     else:
         direction = g_q
     return train_gradients.to(direction.dtype) @ direction
@@ -138,10 +129,10 @@ def accuracy(target: Target, params: dict[str, torch.Tensor], data,
     right, total = 0, 0
     some = next(iter(params.values()))
     with torch.no_grad():
-        for batch in loader:
-            batch = _cast_floating(batch, some.dtype, runtime.device)
-            pred = target.outputs(params, batch).argmax(dim=-1)
-            right += int((pred == target.task.targets(batch)).sum())
+        for _, batch, _ in iter_batches(loader, runtime, some.dtype):
+            outputs = target.outputs(params, batch)
+            pred = outputs.argmax(dim=-1)
+            right += int((pred == target.targets(batch, outputs)).sum())
             total += pred.shape[0]
     return right / total
 
@@ -163,9 +154,10 @@ def fix_prediction(target: Target, inverse: InverseCurvature | None, train, quer
     collateral damage. See :class:`FixResult` for the returned numbers.
     """
     runtime = resolve_runtime(runtime)
+    check_optimizer(optimizer)
     work = copy_target(target)
     work.model.eval()
-    n = len(as_loader(train, runtime, "training data").dataset)
+    n = num_examples(as_loader(train, runtime, "training data"))
     scores = selection_scores(work, inverse, train, query_x, desired_label, selector, runtime,
                               train_gradients)
     helpful, harmful = select(scores, n, k, seed)
@@ -173,15 +165,14 @@ def fix_prediction(target: Target, inverse: InverseCurvature | None, train, quer
         harmful = []
     dtype = next(iter(work.params().values())).dtype if runtime.dtype is None else runtime.dtype
     theta0 = work.flat_params(dtype, runtime.device)
-    theta = theta0.clone().requires_grad_(True)
-    batch_s = _cast_floating(_fetch(train, runtime, helpful), dtype, runtime.device)
-    batch_h = (_cast_floating(_fetch(train, runtime, harmful), dtype, runtime.device)
+    batch_s = cast_batch(collate(train, helpful, runtime), dtype, runtime.device)
+    batch_h = (cast_batch(collate(train, harmful, runtime), dtype, runtime.device)
                if harmful else None)
-    q_batch = _query_batch(query_x, desired_label, work.params(dtype, runtime.device), runtime)
+    q_batch = cast_batch(query_batch(query_x, desired_label), dtype, runtime.device)
 
-    def selection_objective(flat):
+    def selection_objective(flat, batch=batch_s, w=None):
         params = work.space.unflatten(flat)
-        value = work.losses(params, batch_s).mean() + work.regularization(params)
+        value = work.losses(params, batch).mean() + work.regularization(params)
         if batch_h is not None:
             value = value - harmful_weight * work.losses(params, batch_h).mean()
         return value
@@ -190,30 +181,23 @@ def fix_prediction(target: Target, inverse: InverseCurvature | None, train, quer
         with torch.no_grad():
             params = work.space.unflatten(flat)
             out = work.outputs(params, q_batch)
-            return int(out.argmax(-1)[0]), float(work.losses(params, q_batch)[0])
+            return int(out.argmax(-1)[0]), float(work.loss_from_outputs(out, q_batch)[0])
 
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}")
-    opt = (torch.optim.Adam([theta], lr=lr) if optimizer == "adam"
-           else torch.optim.SGD([theta], lr=lr))
-    before, loss_before = query_state(theta.detach())
+    before, loss_before = query_state(theta0)
     g_sel = torch.func.grad(selection_objective)(theta0)
     if optimizer == "adam":
         g_sel = g_sel.sign()
     elif optimizer == "normalized":
         g_sel = g_sel / g_sel.norm().clamp_min(1e-300)
     g_q = torch.func.grad(lambda f: work.losses(work.space.unflatten(f), q_batch).sum())(theta0)
-    used, now = 0, before
-    while now != desired_label and used < steps:
-        opt.zero_grad()
-        selection_objective(theta).backward()
-        if optimizer == "normalized":
-            theta.grad /= theta.grad.norm().clamp_min(1e-300)
-        opt.step()
-        used += 1
-        now, _ = query_state(theta.detach())
-    final = theta.detach()
-    _, loss_after = query_state(final)
+    final, used = theta0, 0
+    if before != desired_label and steps > 0:
+        result = run_training(work, batch_s, [torch.arange(len(helpful))] * steps,
+                       objective=selection_objective, optimizer=optimizer, lr=lr, init=theta0,
+                       dtype=dtype, stop=lambda flat: query_state(flat)[0] == desired_label,
+                       runtime=runtime.replace(progress=False), desc="fine-tuning")
+        final, used = result.params, result.steps
+    now, loss_after = query_state(final)
     acc_before = acc_after = float("nan")
     if heldout is not None:
         acc_before = accuracy(work, work.space.unflatten(theta0), heldout, runtime)

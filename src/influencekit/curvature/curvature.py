@@ -5,8 +5,14 @@
 - ``"hessian"``: ∇²ℓ(z_i, θ̂);
 - ``"ggn"``: J_iᵀ H_i J_i (Gauss-Newton: Jacobian of the outputs, Hessian of the loss in them);
 - ``"fisher"``: E_{y ~ p_θ̂(·|x_i)} g gᵀ, computed EXACTLY by enumerating the task's predictive
-  targets (all classes for classification, sigma points for squared error);
+  targets (all classes for classification, sigma points for squared error), or estimated from
+  ``n_samples`` seeded draws per example where the distribution cannot be enumerated (a
+  language model) or when ``n_samples`` is given (:mod:`.labels`);
 - ``"empirical_fisher"``: g_i g_iᵀ with the true labels.
+
+Per-example gradients come from the runtime's gradient engine (hooks / vmap / loop); the GGN and
+Hessian from Jacobian- and Hessian-vector products of whole batches, so no per-example transform
+of the model is needed (Hugging Face models with data-dependent mask code work).
 
 A Curvature is a description (target, data, kind, weights); work happens in :meth:`dense` and
 :meth:`matvec`, each given a Runtime.
@@ -18,7 +24,6 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ..errors import CurvatureTooLargeError, NonFiniteError
-from ..func.grads import per_example_gradients
 from ..func.products import (
     dense_ggn,
     dense_hessian,
@@ -27,10 +32,17 @@ from ..func.products import (
     hessian_vector_products,
     outer_vector_products,
 )
-from ..grads.data import as_loader, batches, check_weights, num_examples
-from ..grads.stream import compute_dtype
+from ..grads import (
+    GradientEngine,
+    HookIncompatibleError,
+    as_loader,
+    check_weights,
+    compute_dtype,
+    iter_batches,
+    num_examples,
+)
 from ..runtime import Runtime, resolve_runtime
-from ..task.target import Target, _cast_floating
+from .labels import LabelSets, resolve_label_mode
 
 KINDS = ("hessian", "ggn", "fisher", "empirical_fisher")
 
@@ -40,18 +52,27 @@ class Curvature:
 
     Args:
         target: model, task and parameters.
-        data: the training data (DataLoader without shuffling, Dataset or tuple of tensors).
-        kind: one of ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``.
+        data: the training data (DataLoader without shuffling, Dataset, tuple or dict of
+            tensors).
+        kind: one of ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``;
+            ``None`` takes the task's ``default_curvature`` (``"ggn"`` for the built-in tasks).
         weights: optional per-example weights ``[n]`` of the weighted-mean loss (default ones).
+        n_samples: for ``kind="fisher"``: labels drawn per example from the model (seeded by
+            ``seed``) instead of the exact expectation. ``None`` (default): exact when the task
+            enumerates its predictive distribution, else one sample.
+        seed: seed of those draws (every pass over the data draws the same labels).
     """
 
-    def __init__(self, target: Target, data, kind: str = "ggn", weights=None):
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    def __init__(self, target, data, kind: str | None = None, weights=None,
+                 n_samples: int | None = None, seed: int = 0):
         self.target = target
         self.data = data
-        self.kind = kind
+        self.kind = target.task.default_curvature if kind is None else kind
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
         self.weights = weights
+        self.n_samples = n_samples
+        self.seed = seed
 
     # -- bookkeeping --------------------------------------------------------------------------
     def loader(self, runtime: Runtime):
@@ -104,35 +125,34 @@ class Curvature:
         p = flat.numel()
         total = torch.zeros(p, p, dtype=torch.float64, device=runtime.device)
         weight_sum = 0.0
-        for _, batch, w in batches(loader, runtime, dtype, weights, desc=f"dense {self.kind}"):
-            total += self._dense_batch(flat, batch, w).to(torch.float64)
+        labels = self._label_sets()
+        engine = GradientEngine(self.target, runtime.engine)
+        for start, batch, w in iter_batches(loader, runtime, dtype, weights,
+                                            desc=f"dense {self.kind}"):
+            block = self._dense_batch(flat, batch, w, labels, engine).to(torch.float64)
+            _check_finite_block(block, start)
+            total += block
             weight_sum += float(w.sum())
         total /= weight_sum
         total += self._regularizer_dense(flat).to(torch.float64)
         if not torch.isfinite(total).all():
-            raise NonFiniteError("the curvature has non-finite entries; check the model's "
-                                 "numerics at the current parameters or compute in float64.")
+            raise NonFiniteError("the curvature's regulariser term has non-finite entries; "
+                                 "check the regulariser at the current parameters.")
         return 0.5 * (total + total.T)
 
-    def _dense_batch(self, flat, batch, w) -> torch.Tensor:
+    def _dense_batch(self, flat, batch, w, labels, engine) -> torch.Tensor:
         target, space = self.target, self.target.space
         if self.kind == "hessian":
             return dense_hessian(lambda f: (w * target.losses(space.unflatten(f), batch)).sum(),
                                  flat)
-        inputs, targets = self._inputs_targets(batch, flat.dtype)
         if self.kind == "ggn":
-            def outputs_one(f, example):
-                x = tree_map(lambda t: t.unsqueeze(0), example[0])
-                return target.outputs_from_inputs(space.unflatten(f), x)[0]
-
-            def loss_one(out, example):
-                y = tree_map(lambda t: t.unsqueeze(0), example[1])
-                return target.task.loss(out.unsqueeze(0), y)[0]
-            return dense_ggn(outputs_one, loss_one, flat, (inputs, targets), w)
+            outputs_fn = lambda f: target.outputs(space.unflatten(f), batch)  # noqa: E731
+            with torch.no_grad():
+                targets = target.targets(batch, outputs_fn(flat))
+            return dense_ggn(outputs_fn, self._loss_of_one, flat, targets, w)
         total = 0.0
-        for labels, probs in self._label_sets(flat, inputs, targets):
-            grads = self._per_example_grads(flat, inputs, labels)
-            total = total + dense_outer(grads, w * probs)
+        for grads, coef in self._label_gradients(flat, batch, labels, engine):
+            total = total + dense_outer(grads, w * coef)
         return total
 
     def _regularizer_dense(self, flat):
@@ -152,8 +172,11 @@ class Curvature:
         vs = (vectors[None] if single else vectors).to(dtype=dtype, device=runtime.device)
         total = torch.zeros_like(vs)
         weight_sum = 0.0
-        for _, batch, w in batches(loader, runtime, dtype, weights, desc=f"{self.kind} products"):
-            total += self._matvec_batch(flat, batch, w, vs)
+        labels = self._label_sets()
+        engine = GradientEngine(self.target, runtime.engine)
+        for _, batch, w in iter_batches(loader, runtime, dtype, weights,
+                                        desc=f"{self.kind} products"):
+            total += self._matvec_batch(flat, batch, w, vs, labels, engine)
             weight_sum += float(w.sum())
         total /= weight_sum
         if self.target.regularizer is not None:
@@ -161,49 +184,73 @@ class Curvature:
             total += hessian_vector_products(reg, flat, vs)
         return total[0] if single else total
 
-    def _matvec_batch(self, flat, batch, w, vs):
+    def _matvec_batch(self, flat, batch, w, vs, labels, engine):
         target, space = self.target, self.target.space
         if self.kind == "hessian":
             return hessian_vector_products(
                 lambda f: (w * target.losses(space.unflatten(f), batch)).sum(), flat, vs)
-        inputs, targets = self._inputs_targets(batch, flat.dtype)
         if self.kind == "ggn":
             return ggn_vector_products(
-                lambda f: target.outputs_from_inputs(space.unflatten(f), inputs),
-                lambda out: (w * target.task.loss(out, targets)).sum(), flat, vs)
+                lambda f: target.outputs(space.unflatten(f), batch),
+                lambda out: (w * target.loss_from_outputs(out, batch)).sum(), flat, vs)
         total = torch.zeros_like(vs)
-        for labels, probs in self._label_sets(flat, inputs, targets):
-            grads = self._per_example_grads(flat, inputs, labels)
-            total += outer_vector_products(grads, w * probs, vs)
+        for grads, coef in self._label_gradients(flat, batch, labels, engine):
+            total += outer_vector_products(grads, w * coef, vs)
         return total
 
+    def iter_weighted_gradients(self, runtime: Runtime | None = None, *,
+                                at: torch.Tensor | None = None):
+        """For a Fisher kind: yield ``(coef [B], grads [B, p])`` over the data such that
+        ``C = Σ coefᵢ gᵢ gᵢᵀ / Σw + ∇²R`` — per example and label set, ``coef = w_i · p(label)``
+        and ``grads`` the loss gradients under those labels. Σw is :meth:`total_weight`."""
+        if self.kind not in ("fisher", "empirical_fisher"):
+            raise ValueError(f"iter_weighted_gradients needs a Fisher kind, not {self.kind!r}")
+        runtime = resolve_runtime(runtime)
+        dtype, loader, weights, flat = self._setup(runtime, at)
+        labels = self._label_sets()
+        engine = GradientEngine(self.target, runtime.engine)
+        for _, batch, w in iter_batches(loader, runtime, dtype, weights, desc=self.kind):
+            for grads, coef in self._label_gradients(flat, batch, labels, engine):
+                yield w * coef, grads
+
     # -- shared pieces ------------------------------------------------------------------------
-    def _inputs_targets(self, batch, dtype):
-        task = self.target.task
-        targets = task.targets(batch)
-        device = targets.device if isinstance(targets, torch.Tensor) else None
-        return task.inputs(batch), _cast_floating(targets, dtype, device)
+    def _loss_of_one(self, out, target):
+        """The task's loss of one example from its outputs ``[*out]`` and target."""
+        one = tree_map(lambda t: t.unsqueeze(0), target)
+        return self.target.task.loss(out.unsqueeze(0), one)[0]
 
-    def _label_sets(self, flat, inputs, targets):
-        """(labels, probabilities [B]) pairs whose weighted outer products give C_i."""
-        if self.kind == "empirical_fisher":
-            yield targets, torch.ones(_len(targets), dtype=flat.dtype, device=flat.device)
-            return
-        with torch.no_grad():
-            outputs = self.target.outputs_from_inputs(self.target.space.unflatten(flat), inputs)
-        labels, probs = self.target.task.predictive_targets(outputs)
-        for s, lab in enumerate(labels):
-            yield lab, probs[s].to(flat.dtype)
+    def label_mode(self) -> str:
+        """``"exact"``, ``"sampled"`` or ``"empirical"``: how a Fisher kind takes its labels."""
+        if self.kind == "fisher" and self.n_samples is not None:
+            return resolve_label_mode(self.target.task, self.kind, "sampled")
+        return resolve_label_mode(self.target.task, self.kind, "auto")
 
-    def _per_example_grads(self, flat, inputs, labels) -> torch.Tensor:
+    def _label_sets(self) -> LabelSets | None:
+        if self.kind not in ("fisher", "empirical_fisher"):
+            return None
+        return LabelSets(self.label_mode(), self.n_samples or 1, self.seed)
+
+    def _label_gradients(self, flat, batch, labels: LabelSets, engine):
+        """Yield ``(per-example gradients [B, p], label weights [B])`` whose weighted outer
+        products give the Fisher's C_i for this batch."""
         target = self.target
-
-        def loss_with(params, example):
-            return target.task.loss(target.outputs_from_inputs(params, example[0]), example[1])
         params = target.space.unflatten(flat)
-        _, grads = per_example_gradients(loss_with, params, (inputs, labels))
-        return target.space.flatten(grads, batch_dims=1)
 
+        def target_sets(outputs, true_targets):
+            return labels(target.task, outputs, true_targets)
+        try:
+            for coef, grads in engine.loss_gradients_per_target_set(params, batch, target_sets):
+                yield target.space.flatten(grads, batch_dims=1), coef.to(flat.dtype)
+        except HookIncompatibleError as exc:  # found on the first batch: redo it without
+            if engine.engine != "auto":
+                raise
+            engine.demote(exc.module)
+            yield from self._label_gradients(flat, batch, labels, engine)
 
-def _len(t) -> int:
-    return t.shape[0] if isinstance(t, torch.Tensor) else len(t)
+def _check_finite_block(block: torch.Tensor, start: int) -> None:
+    if not torch.isfinite(block).all():
+        raise NonFiniteError(
+            f"the curvature of the batch starting at example {start} has non-finite entries; "
+            "one of its examples gives a NaN or infinite loss or gradient (find it with "
+            "ik.grads.gradients(target, data), which names the example), or compute in float64.",
+            index=start)

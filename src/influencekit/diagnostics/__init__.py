@@ -1,6 +1,6 @@
 """How far to trust an influence answer: one measured figure per assumption, with a verdict.
 
-``check(target, inverse, train, queries)`` runs them all with cheap defaults and returns a
+``check(target, inverse, train, query)`` runs them all with cheap defaults and returns a
 :class:`TrustReport`; each figure is also available as a small function.
 """
 

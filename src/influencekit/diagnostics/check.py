@@ -8,7 +8,7 @@ from ..inverse.base import InverseCurvature
 from ..inverse.exact import Exact
 from ..runtime import Runtime, resolve_runtime
 from ..task.target import Target
-from .common import damping_of, scores
+from .common import scores
 from .convexity import convexity_findings
 from .divergence import TrainingSetup, divergence_finding, parameter_divergence
 from .linearity import linearity_errors, linearity_finding
@@ -20,16 +20,16 @@ ALL = ("convexity", "numeric stability", "training trajectory", "parameter diver
        "first-order expansion")
 
 
-def check(target: Target, inverse: InverseCurvature, train, queries,
+def check(target: Target, inverse: InverseCurvature, train, query,
           runtime: Runtime | None = None, *, other: InverseCurvature | None = None,
           checkpoints: list[torch.Tensor] | None = None, training: TrainingSetup | None = None,
           examples: int = 2, epsilons=(-1.0, 1.0), top_k: int = 10,
           dense_max_params: int = 600, lanczos_steps: int = 30,
           include=ALL) -> TrustReport:
-    """How far the influence scores of ``inverse`` on ``queries`` can be trusted.
+    """How far the influence scores of ``inverse`` on ``query`` can be trusted.
 
     Args:
-        target, inverse, train, queries: as for ``Influence(target, inverse).pairwise``; the
+        target, inverse, train, query: as for ``Influence(target, inverse).pairwise``; the
             Target's parameters are taken to be the trained θ̂.
         other: a second fitted inverse for "method agreement"; by default an ``Exact`` inverse
             with the same damping and curvature kind when the dense curvature has at most
@@ -55,30 +55,30 @@ def check(target: Target, inverse: InverseCurvature, train, queries,
     findings: list[Finding] = []
     spectrum = None
     if "convexity" in include:
-        found, spectrum = convexity_findings(target, inverse, train, queries, runtime,
+        found, spectrum = convexity_findings(target, inverse, train, query, runtime,
                                              dense_max_params=dense_max_params,
                                              steps=lanczos_steps)
         findings += found
     if "numeric stability" in include:
-        findings.append(residual_finding(solver_residuals(target, inverse, train, queries,
+        findings.append(residual_finding(solver_residuals(target, inverse, train, query,
                                                           runtime)))
         other = _default_other(inverse, target, train, runtime, dense_max_params, other)
         if other is None:
             findings.append(skipped("numeric stability", "method agreement",
                                     "pass other=<a second fitted inverse> to measure it"))
         else:
-            findings.append(method_agreement(target, inverse, other, train, queries, runtime))
-        findings.append(damping_sensitivity(target, inverse, train, queries, runtime, k=top_k))
+            findings.append(method_agreement(target, inverse, other, train, query, runtime))
+        findings.append(damping_sensitivity(target, inverse, train, query, runtime, k=top_k))
     if "training trajectory" in include:
         if checkpoints:
-            findings.append(checkpoint_agreement(target, inverse, train, queries, checkpoints,
+            findings.append(checkpoint_agreement(target, inverse, train, query, checkpoints,
                                                  runtime, k=top_k))
         else:
             findings.append(skipped("training trajectory", "checkpoint agreement",
                                     "pass checkpoints=[flat params, ...] to measure it"))
     chosen: list[int] = []
     if {"parameter divergence", "first-order expansion"} & set(include):
-        first = scores(target, inverse, train, queries, runtime)[0]
+        first = scores(target, inverse, train, query, runtime)[0]
         chosen = torch.topk(first.abs(), min(examples, first.numel())).indices.tolist()
     if "parameter divergence" in include:
         if training is None:
@@ -88,14 +88,14 @@ def check(target: Target, inverse: InverseCurvature, train, queries,
                                             dense_max_params=dense_max_params,
                                             steps=lanczos_steps)
             training = TrainingSetup(steps=64, lr=1.0 / max(spectrum.max_eigenvalue, 1e-12))
-        curves = [parameter_divergence(target, inverse, train, queries, chosen, training,
+        curves = [parameter_divergence(target, inverse, train, query, chosen, training,
                                        epsilon=e, runtime=runtime) for e in (1.0, -1.0)]
         findings.append(divergence_finding(curves))
     if "first-order expansion" in include:
-        errors = linearity_errors(target, inverse, train, queries, chosen, epsilons, runtime)
+        errors = linearity_errors(target, inverse, train, query, chosen, epsilons, runtime)
         findings.append(linearity_finding(errors, chosen, epsilons))
     context = {"inverse": inverse.get_config(), "kind": inverse.fit_info_["kind"],
-               "damping": damping_of(inverse), "num_params": target.num_params,
+               "damping": inverse.damping_, "num_params": target.num_params,
                "examples": chosen}
     return TrustReport(findings, context)
 
@@ -106,5 +106,5 @@ def _default_other(inverse, target, train, runtime, dense_max_params, other):
     if isinstance(inverse, Exact) or target.num_params > dense_max_params:
         return None
     from ..curvature import Curvature
-    return Exact(damping=damping_of(inverse)).fit(
+    return Exact(damping=inverse.damping_).fit(
         Curvature(target, train, kind=inverse.fit_info_["kind"]), runtime)

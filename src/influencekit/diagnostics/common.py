@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
-from scipy import stats
 
 from ..curvature import Curvature
 from ..inverse.base import InverseCurvature
@@ -34,41 +32,18 @@ def curvature_kind(inverse: InverseCurvature) -> str:
     return inverse.fit_info_["kind"]
 
 
-def damping_of(inverse: InverseCurvature) -> float:
-    return float(getattr(inverse, "damping", 0.0) or 0.0)
-
-
 def refit(inverse: InverseCurvature, target: Target, train, runtime: Runtime,
           **changes) -> InverseCurvature:
-    """A fresh inverse of the same class and configuration (with ``changes``), fitted on the
-    curvature of the same kind of ``target`` on ``train``."""
-    config = inverse.get_config()
-    config.pop("method")
-    config.update(changes)
-    fresh = type(inverse)(**config)
+    """``inverse.clone(**changes)`` fitted on the curvature of the same kind of ``target`` on
+    ``train``."""
+    fresh = inverse.clone(**changes)
     return fresh.fit(Curvature(target, train, kind=curvature_kind(inverse)), runtime)
 
 
-def scores(target: Target, inverse: InverseCurvature, train, queries,
+def scores(target: Target, inverse: InverseCurvature, train, query,
            runtime: Runtime) -> torch.Tensor:
     """Influence scores ``[n_query, n_train]`` (conventions: s = g_qᵀ (C + λI)⁻¹ g_m)."""
-    return Influence(target, inverse).pairwise(queries, train, runtime).to(torch.float64)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two vectors (nan when one is constant)."""
-    a, b = _np(a), _np(b)
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(stats.spearmanr(a, b).statistic)
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation of two vectors (nan when one is constant)."""
-    a, b = _np(a), _np(b)
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+    return Influence(target, inverse).pairwise(query, train, runtime).to(torch.float64)
 
 
 def top_k_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
@@ -92,9 +67,3 @@ def nanmin(values) -> float:
 def nanmean(values) -> float:
     finite = [v for v in values if v == v]
     return float(sum(finite) / len(finite)) if finite else float("nan")
-
-
-def _np(t) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
-        return t.detach().to(torch.float64).cpu().numpy().ravel()
-    return np.asarray(t, dtype=np.float64).ravel()

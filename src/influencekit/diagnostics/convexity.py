@@ -21,7 +21,6 @@ from ..inverse.base import InverseCurvature
 from ..runtime import Runtime, resolve_runtime
 from ..scoring.influence import Influence
 from ..task.target import Target
-from .common import damping_of
 from .report import Finding, judge_at_most
 
 ASSUMPTION = "convexity"
@@ -95,12 +94,12 @@ def negative_mass_finding(spectrum: Spectrum, *, pass_max: float = 1e-3,
                    spectrum.how)
 
 
-def hessian_ggn_gap(target: Target, inverse: InverseCurvature, train, queries,
+def hessian_ggn_gap(target: Target, inverse: InverseCurvature, train, query,
                     runtime: Runtime | None = None) -> dict:
     """Along v = (C + λI)⁻¹ g_q: ``gap [n_query]`` = ‖(H − G) v‖ / ‖G v‖ and the Rayleigh
     quotients ``rayleigh_hessian``, ``rayleigh_ggn`` ``[n_query]`` (vᵀHv, vᵀGv)."""
     runtime = resolve_runtime(runtime)
-    v = Influence(target, inverse).precondition(queries, runtime)
+    v = Influence(target, inverse).precondition(query, runtime)
     hv = Curvature(target, train, kind="hessian").matvec(v, runtime).to(torch.float64)
     gv = Curvature(target, train, kind="ggn").matvec(v, runtime).to(torch.float64)
     v = v.to(torch.float64)
@@ -118,11 +117,11 @@ def gap_finding(gap: dict, *, pass_max: float = 0.1, warn_max: float = 0.5) -> F
                     "rayleigh_ggn": gap["rayleigh_ggn"].tolist()})
 
 
-def convexity_findings(target: Target, inverse: InverseCurvature, train, queries,
+def convexity_findings(target: Target, inverse: InverseCurvature, train, query,
                        runtime: Runtime | None = None, **spectrum_kwargs) -> tuple[
                            list[Finding], Spectrum]:
     """The three convexity findings, and the spectrum (reused by other diagnostics)."""
     spectrum = hessian_spectrum(target, train, runtime, **spectrum_kwargs)
-    gap = hessian_ggn_gap(target, inverse, train, queries, runtime)
-    return [eigenvalue_finding(spectrum, damping_of(inverse)), negative_mass_finding(spectrum),
+    gap = hessian_ggn_gap(target, inverse, train, query, runtime)
+    return [eigenvalue_finding(spectrum, inverse.damping_), negative_mass_finding(spectrum),
             gap_finding(gap)], spectrum

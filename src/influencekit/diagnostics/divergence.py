@@ -16,15 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Subset, default_collate
 
-from ..grads.data import as_loader, num_examples
+from ..evaluation.metrics import pearson, spearman
+from ..grads import num_examples, take
 from ..inverse.base import InverseCurvature
-from ..response.curve import measure
+from ..response import batch_schedule, check_optimizer, measure, train
 from ..runtime import Runtime, resolve_runtime
 from ..scoring.influence import Influence
-from ..task.target import Target, _cast_floating
-from .common import nanmean, pearson, spearman
+from ..task.target import Target
+from .common import nanmean
 from .report import Finding, judge_at_most
 
 ASSUMPTION = "parameter divergence"
@@ -33,8 +33,9 @@ ASSUMPTION = "parameter divergence"
 @dataclass(frozen=True)
 class TrainingSetup:
     """How training continues: ``steps`` (the end of training), ``lr``, ``batch_size`` (None =
-    full batch), ``optimizer`` (``"sgd"`` or ``"adam"``), ``momentum`` (SGD), ``seed`` (batch
-    order, shared by the control and every perturbed run)."""
+    full batch), ``optimizer`` (``"sgd"``, ``"adam"`` or ``"normalized"``: the vocabulary of
+    :func:`influencekit.response.train`), ``momentum`` (SGD), ``seed`` (batch order, shared by
+    the control and every perturbed run)."""
 
     steps: int = 64
     lr: float = 0.1
@@ -97,61 +98,27 @@ class DivergenceCurve:
                 for h, t in enumerate(self.horizons)]
 
 
-def _example_source(train, runtime: Runtime):
-    dataset = as_loader(train, runtime, "training data").dataset
-
-    def fetch(idx: torch.Tensor):
-        if hasattr(dataset, "tensors"):
-            return tuple(t[idx] for t in dataset.tensors)
-        return default_collate([dataset[int(i)] for i in idx])
-    return fetch
-
-
-def batch_schedule(n: int, setup: TrainingSetup) -> list[torch.Tensor]:
+def schedule_of(n: int, setup: TrainingSetup) -> list[torch.Tensor]:
     """The index batches of ``setup.steps`` steps (epochs of a seeded permutation)."""
-    if setup.batch_size is None or setup.batch_size >= n:
-        return [torch.arange(n)] * setup.steps
-    gen = torch.Generator().manual_seed(setup.seed)
-    out, order = [], torch.empty(0, dtype=torch.long)
-    while len(out) < setup.steps:
-        if order.numel() < setup.batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=gen)])
-        out.append(order[:setup.batch_size])
-        order = order[setup.batch_size:]
-    return out
+    return batch_schedule(n, batch_size=setup.batch_size, seed=setup.seed, steps=setup.steps)
 
 
-def continue_training(target: Target, train, weights: torch.Tensor, setup: TrainingSetup,
+def continue_training(target: Target, train_data, weights: torch.Tensor, setup: TrainingSetup,
                       record_at: list[int], runtime: Runtime | None = None,
                       init: torch.Tensor | None = None) -> torch.Tensor:
     """Train flat θ (from ``init`` or the Target's parameters; the model is not written) with
     per-example ``weights [n]``; returns θ after each step count in ``record_at``:
     ``[len(record_at), p]``."""
     runtime = resolve_runtime(runtime)
-    dtype = next(iter(target.params().values())).dtype if runtime.dtype is None else runtime.dtype
-    start = target.flat_params(dtype, runtime.device) if init is None else init
-    theta = start.detach().to(dtype=dtype, device=runtime.device).clone().requires_grad_(True)
-    if setup.optimizer == "sgd":
-        opt = torch.optim.SGD([theta], lr=setup.lr, momentum=setup.momentum)
-    elif setup.optimizer == "adam":
-        opt = torch.optim.Adam([theta], lr=setup.lr)
-    else:
-        raise ValueError(f"optimizer={setup.optimizer!r} is not 'sgd' or 'adam'")
-    fetch = _example_source(train, runtime)
-    weights = weights.to(dtype=dtype, device=runtime.device)
-    wanted, out = set(record_at), {}
-    for step, idx in enumerate(batch_schedule(weights.numel(), setup), start=1):
-        batch = _cast_floating(fetch(idx), dtype, runtime.device)
-        opt.zero_grad()
-        loss = target.objective(target.space.unflatten(theta), [(batch, weights[idx])])
-        loss.backward()
-        opt.step()
-        if step in wanted:
-            out[step] = theta.detach().clone()
-    return torch.stack([out[t] for t in record_at])
+    check_optimizer(setup.optimizer)
+    result = train(target, train_data, schedule_of(weights.numel(), setup),
+                   optimizer=setup.optimizer, lr=setup.lr, momentum=setup.momentum,
+                   weights=weights, init=init, record_at=record_at,
+                   runtime=runtime.replace(progress=False))
+    return torch.stack([result.recorded[t] for t in record_at])
 
 
-def parameter_divergence(target: Target, inverse: InverseCurvature, train, queries,
+def parameter_divergence(target: Target, inverse: InverseCurvature, train, query,
                          indices: list[int], setup: TrainingSetup, *, epsilon: float = 1.0,
                          runtime: Runtime | None = None) -> DivergenceCurve:
     """Continue training with each example of ``indices`` re-weighted by 1 + ε; see module doc.
@@ -159,24 +126,23 @@ def parameter_divergence(target: Target, inverse: InverseCurvature, train, queri
     Cost: (1 + len(indices)) runs of ``setup.steps`` steps.
     """
     runtime = resolve_runtime(runtime)
-    n = num_examples(as_loader(train, runtime, "training data"))
+    n = num_examples(train)
     horizons = setup.horizons()
     ones = torch.ones(n, dtype=torch.float64)
     control = continue_training(target, train, ones, setup, horizons, runtime)
-    f_control = torch.stack([measure(target, th, queries, runtime) for th in control])
+    f_control = torch.stack([measure(target, th, query, runtime) for th in control])
     real_theta, real_f = [], []
     for m in indices:
         w = ones.clone()
         w[m] += epsilon
         thetas = continue_training(target, train, w, setup, horizons, runtime)
         real_theta.append(thetas - control)
-        real_f.append(torch.stack([measure(target, th, queries, runtime) for th in thetas])
+        real_f.append(torch.stack([measure(target, th, query, runtime) for th in thetas])
                       - f_control)
-    dataset = as_loader(train, runtime, "training data").dataset
-    chosen = Subset(dataset, list(indices))
+    chosen = take(train, list(indices), runtime, "training data")
     scorer = Influence(target, inverse)
     pred_theta = epsilon * scorer.parameter_influence(chosen, runtime).to(torch.float64)
-    g_query = scorer.query_gradients(queries, runtime).to(torch.float64)
+    g_query = scorer.query_gradients(query, runtime).to(torch.float64)
     return DivergenceCurve(float(epsilon), horizons, list(indices),
                            torch.stack(real_theta, dim=1).to(torch.float64), pred_theta,
                            torch.stack(real_f, dim=1).to(torch.float64), pred_theta @ g_query.T)

@@ -23,7 +23,7 @@ from .report import Finding, judge_at_most
 ASSUMPTION = "first-order expansion"
 
 
-def linearity_errors(target: Target, inverse: InverseCurvature, train, queries,
+def linearity_errors(target: Target, inverse: InverseCurvature, train, query,
                      indices: list[int], epsilons=(-1.0, 1.0),
                      runtime: Runtime | None = None) -> torch.Tensor:
     """‖real − predicted‖ / ‖real‖ of the measurement change, ``[len(indices), len(epsilons)]``."""
@@ -31,7 +31,7 @@ def linearity_errors(target: Target, inverse: InverseCurvature, train, queries,
     grid = [0.0] + [float(e) for e in epsilons if e != 0]
     rows = []
     for m in indices:
-        curve = response_curve(target, train, m, grid, queries, inverse=inverse,
+        curve = response_curve(target, train, m, grid, query, inverse=inverse,
                                runtime=runtime)
         real = curve.measurement[1:] - curve.measurement[0]
         pred = curve.predicted_measurement[1:] - curve.measurement_hat

@@ -15,19 +15,17 @@ from __future__ import annotations
 import torch
 
 from ..curvature import Curvature
+from ..evaluation.metrics import pearson, spearman
 from ..inverse.base import InverseCurvature
 from ..runtime import Runtime, resolve_runtime
 from ..scoring.influence import Influence
 from ..task.target import Target
 from .common import (
     curvature_kind,
-    damping_of,
     nanmin,
-    pearson,
     refit,
     rowwise,
     scores,
-    spearman,
     top_k_overlap,
 )
 from .report import Finding, judge_at_least, judge_at_most
@@ -35,15 +33,16 @@ from .report import Finding, judge_at_least, judge_at_most
 ASSUMPTION = "numeric stability"
 
 
-def solver_residuals(target: Target, inverse: InverseCurvature, train, queries,
+def solver_residuals(target: Target, inverse: InverseCurvature, train, query,
                      runtime: Runtime | None = None) -> torch.Tensor:
     """‖(C + λI) x − g‖ / ‖g‖ for each query gradient g, x = inverse.solve(g): ``[n_query]``."""
     runtime = resolve_runtime(runtime)
-    g = Influence(target, inverse).query_gradients(queries, runtime)
+    g = Influence(target, inverse).query_gradients(query, runtime)
     x = inverse.solve(g)
     cx = Curvature(target, train, kind=curvature_kind(inverse)).matvec(x, runtime)
     g, x, cx = (t.to(torch.float64) for t in (g, x, cx))
-    residual = cx + damping_of(inverse) * x - g
+    damping = inverse.damping_vector_().to(device=x.device)
+    residual = cx + damping * x - g
     return residual.norm(dim=1) / g.norm(dim=1).clamp_min(1e-300)
 
 
@@ -57,12 +56,12 @@ def residual_finding(residuals: torch.Tensor, *, pass_max: float = 1e-3,
 
 
 def method_agreement(target: Target, inverse: InverseCurvature, other: InverseCurvature,
-                     train, queries, runtime: Runtime | None = None, *, pass_min: float = 0.9,
+                     train, query, runtime: Runtime | None = None, *, pass_min: float = 0.9,
                      warn_min: float = 0.7) -> Finding:
     """Spearman (verdict) and Pearson (details) of the two inverses' scores, per query."""
     runtime = resolve_runtime(runtime)
-    a = scores(target, inverse, train, queries, runtime)
-    b = scores(target, other, train, queries, runtime)
+    a = scores(target, inverse, train, query, runtime)
+    b = scores(target, other, train, query, runtime)
     rho = rowwise(spearman, a, b)
     value = nanmin(rho)
     verdict, rule = judge_at_least(value, pass_min, warn_min)
@@ -73,7 +72,7 @@ def method_agreement(target: Target, inverse: InverseCurvature, other: InverseCu
                     "other": other.get_config()})
 
 
-def damping_sensitivity(target: Target, inverse: InverseCurvature, train, queries,
+def damping_sensitivity(target: Target, inverse: InverseCurvature, train, query,
                         runtime: Runtime | None = None, *, factor: float = 10.0, k: int = 10,
                         pass_min: float = 0.8, warn_min: float = 0.5) -> Finding:
     """Top-k overlap of the scores at λ against λ/factor and λ·factor (inverse refitted).
@@ -81,8 +80,8 @@ def damping_sensitivity(target: Target, inverse: InverseCurvature, train, querie
     With λ = 0 the comparison is against λ' = 1e-4 · ‖C z‖/‖z‖ for a random z (a scale of C).
     """
     runtime = resolve_runtime(runtime)
-    base = scores(target, inverse, train, queries, runtime)
-    damping = damping_of(inverse)
+    base = scores(target, inverse, train, query, runtime)
+    damping = inverse.damping_
     if damping > 0:
         others = [damping / factor, damping * factor]
     else:
@@ -92,7 +91,7 @@ def damping_sensitivity(target: Target, inverse: InverseCurvature, train, querie
         others = [1e-4 * float(cz.to(torch.float64).norm() / z.norm())]
     overlaps, rhos = {}, {}
     for alt in others:
-        s = scores(target, refit(inverse, target, train, runtime, damping=alt), train, queries,
+        s = scores(target, refit(inverse, target, train, runtime, damping=alt), train, query,
                    runtime)
         overlaps[f"{alt:g}"] = rowwise(top_k_overlap, base, s, k)
         rhos[f"{alt:g}"] = rowwise(spearman, base, s)

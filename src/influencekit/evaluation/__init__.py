@@ -9,9 +9,12 @@ from .metrics import (
                       lds,
                       loo_correlation,
                       mislabel_detection,
+                      pearson,
                       sample_subsets,
+                      spearman,
 )
 from .removal import removal_curve
 
 __all__ = ["CorrelationResult", "auc", "flip_labels", "lds", "loo_correlation",
-           "mislabel_detection", "sample_subsets", "removal_curve", "gap_decomposition"]
+           "mislabel_detection", "sample_subsets", "pearson", "spearman", "removal_curve",
+           "gap_decomposition"]

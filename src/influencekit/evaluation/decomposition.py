@@ -15,7 +15,7 @@ from ..response.pbrf import response_changes
 from ..response.retrain import leave_one_out_retrained
 from ..runtime import resolve_runtime
 from ..scoring.influence import Influence
-from .metrics import _pearson, _spearman
+from .metrics import pearson, spearman
 
 
 def correlation_table(changes: dict) -> list[dict]:
@@ -27,10 +27,10 @@ def correlation_table(changes: dict) -> list[dict]:
         cur = _flat(changes[name])
         prev = _flat(changes[names[i - 1]]) if i else None
         rows.append({"step": name,
-                     "pearson_vs_previous": None if prev is None else _pearson(prev, cur),
-                     "spearman_vs_previous": None if prev is None else _spearman(prev, cur),
-                     "pearson_vs_first": _pearson(first, cur),
-                     "spearman_vs_first": _spearman(first, cur)})
+                     "pearson_vs_previous": None if prev is None else pearson(prev, cur),
+                     "spearman_vs_previous": None if prev is None else spearman(prev, cur),
+                     "pearson_vs_first": pearson(first, cur),
+                     "spearman_vs_first": spearman(first, cur)})
     return rows
 
 

@@ -50,7 +50,7 @@ def lds(scores, subsets, outputs) -> CorrelationResult:
     masks = np.asarray(subsets, dtype=np.float64)
     outputs = np.asarray(outputs, dtype=np.float64)
     predicted = -(masks @ scores.T)  # [n_subsets, n_query]
-    per_query = np.array([_spearman(predicted[:, q], outputs[:, q])
+    per_query = np.array([spearman(predicted[:, q], outputs[:, q])
                           for q in range(scores.shape[0])])
     return _summary(per_query)
 
@@ -66,10 +66,10 @@ def loo_correlation(predicted_changes, real_changes) -> dict:
     b = np.asarray(real_changes, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"predicted {a.shape} and real {b.shape} changes differ in shape")
-    pearsons = [_pearson(x, y) for x, y in zip(a, b, strict=True)]
-    spearmans = [_spearman(x, y) for x, y in zip(a, b, strict=True)]
-    return {"pearson": _pearson(a.ravel(), b.ravel()),
-            "spearman": _spearman(a.ravel(), b.ravel()),
+    pearsons = [pearson(x, y) for x, y in zip(a, b, strict=True)]
+    spearmans = [spearman(x, y) for x, y in zip(a, b, strict=True)]
+    return {"pearson": pearson(a.ravel(), b.ravel()),
+            "spearman": spearman(a.ravel(), b.ravel()),
             "pearson_per_query": _summary(np.array(pearsons)),
             "spearman_per_query": _summary(np.array(spearmans))}
 
@@ -117,14 +117,25 @@ def mislabel_detection(self_influence, flipped, checked=(0.05, 0.1, 0.2, 0.3, 0.
     return {"auc": auc(s, flipped), "found": found}
 
 
-def _pearson(x, y) -> float:
+def pearson(x, y) -> float:
+    """Pearson correlation of two vectors (arrays or tensors, flattened); nan when one is
+    constant."""
+    x, y = as_numpy(x), as_numpy(y)
     if np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def _spearman(x, y) -> float:
-    return _pearson(stats.rankdata(x), stats.rankdata(y))
+def spearman(x, y) -> float:
+    """Spearman rank correlation of two vectors; nan when one is constant."""
+    return pearson(stats.rankdata(as_numpy(x)), stats.rankdata(as_numpy(y)))
+
+
+def as_numpy(values) -> np.ndarray:
+    """A flat float64 numpy copy of an array, tensor or sequence."""
+    if hasattr(values, "detach"):
+        return values.detach().to("cpu").double().numpy().ravel()
+    return np.asarray(values, dtype=np.float64).ravel()
 
 
 def _summary(values: np.ndarray) -> CorrelationResult:

@@ -39,20 +39,23 @@ def dense_hessian(total_loss: FlatFn, flat: torch.Tensor) -> torch.Tensor:
     return hessian(total_loss)(flat)
 
 
-def dense_ggn(per_example_outputs: Callable, per_example_output_loss: Callable,
-              flat: torch.Tensor, examples, weights: torch.Tensor) -> torch.Tensor:
-    """``[p, p]`` = Σ_i w_i J_iᵀ H_i J_i.
+def dense_ggn(batch_outputs: FlatFn, loss_of_one: Callable, flat: torch.Tensor, targets,
+              weights: torch.Tensor) -> torch.Tensor:
+    """``[p, p]`` = Σ_i w_i J_iᵀ H_i J_i for one batch.
 
-    ``per_example_outputs(flat, example) -> outputs`` of one example (any shape, flattened to O);
-    ``per_example_output_loss(outputs, example) -> scalar`` loss of one example from its outputs.
+    ``batch_outputs(flat) -> [B, *out]`` (the model on the whole batch); ``loss_of_one(out,
+    target) -> scalar``, the loss of ONE example from its outputs ``[*out]`` and its target (a
+    row of ``targets``, a tensor or pytree of tensors with first dimension B). J (``[B, O, p]``)
+    comes from reverse-mode products over the output coordinates of the whole batch, H_i
+    (``[O, O]``) from ``vmap`` over examples of the loss alone — the model itself is never
+    transformed per example.
     """
-    jac = vmap(jacrev(per_example_outputs), in_dims=(None, 0))(flat, examples)  # [B, *out, p]
-    outs = vmap(per_example_outputs, in_dims=(None, 0))(flat, examples)          # [B, *out]
-    h_out = vmap(hessian(per_example_output_loss))(outs, examples)              # [B, *out, *out]
-    b = jac.shape[0]
+    outs = batch_outputs(flat).detach()
+    jac = jacrev(batch_outputs)(flat)                                      # [B, *out, p]
+    b = outs.shape[0]
     j = jac.reshape(b, -1, jac.shape[-1])
     o = j.shape[1]
-    h = h_out.reshape(b, o, o)
+    h = vmap(hessian(loss_of_one))(outs, targets).reshape(b, o, o)         # [B, O, O]
     hj = torch.bmm(h, j)
     return torch.einsum("bop,boq->pq", j * weights[:, None, None], hj)
 

@@ -106,7 +106,7 @@ class Arnoldi(InverseCurvature):
                           "(non-convex curvature): scores may have the wrong sign. Use "
                           "kind='ggn' or more damping.", stacklevel=3)
 
-    def _solve(self, grads):
+    def _solve(self, grads, runtime=None):
         v = self.eigenvectors_
         g = grads.to(torch.float64).to(v.device)
         coeff = g @ v.T

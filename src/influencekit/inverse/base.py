@@ -1,9 +1,12 @@
 """The one interface every (C + λI)⁻¹ approximation follows.
 
 Habits: the constructor only stores keyword arguments; ``fit(curvature, runtime)`` returns self;
-fitted state ends in ``_``; ``solve(grads)`` applies the approximate inverse to rows of
-``grads [k, p]`` (or one ``[p]``); ``state_dict`` / ``load_state_dict`` / ``get_config`` make the
-fitted state storable. ``damping`` is the same λ for every method.
+fitted state ends in ``_``; ``solve(grads, runtime)`` applies the approximate inverse to rows of
+``grads [k, p]`` (or one ``[p]``) and returns on their device and dtype; ``state_dict`` /
+``load_state_dict`` / ``get_config`` make the fitted state storable; ``clone(**changes)`` is an
+unfitted copy. ``damping`` is the same λ for every method; after ``fit``, ``damping_`` is the λ
+actually used (what ``"auto"`` became) and ``damping_vector_()`` the λ of each parameter.
+Everything outside ``inverse/`` (scoring, diagnostics) reads only this interface.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ class InverseCurvature(ABC):
         """``{"method": class name, **constructor arguments}`` (JSON-serialisable)."""
         return {"method": type(self).__name__,
                 **{n: getattr(self, n) for n in self._param_names()}}
+
+    def clone(self, **changes) -> InverseCurvature:
+        """An unfitted copy with the same configuration, ``changes`` applied (e.g.
+        ``inverse.clone(damping=1e-2)``)."""
+        config = self.get_config()
+        method = config.pop("method")
+        unknown = set(changes) - set(config)
+        if unknown:
+            raise ValueError(f"{method} has no setting {sorted(unknown)}; its settings are "
+                             f"{sorted(config)}")
+        config.update(changes)
+        return REGISTRY[method](**config)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "method")
@@ -81,9 +96,25 @@ class InverseCurvature(ABC):
         self.check_fitted()
         return self.fit_info_["n_train"]
 
+    @property
+    def damping_(self) -> float:
+        """The λ used (after ``fit``): ``damping``, or the mean over layers of what
+        ``damping="auto"`` resolved to (per layer in ``fit_info_["damping"]``)."""
+        self.check_fitted()
+        return float(self.damping)
+
+    def damping_vector_(self) -> torch.Tensor:
+        """``[p]`` float64: the λ added to each parameter's diagonal of C (uniform unless the
+        method damps layers differently)."""
+        return torch.full((self.param_space_.numel,), self.damping_, dtype=torch.float64)
+
     # -- applying -----------------------------------------------------------------------------
-    def solve(self, grads: torch.Tensor) -> torch.Tensor:
-        """``(C + λI)⁻¹ g`` for ``grads [p]`` or ``[k, p]``; same shape and dtype out."""
+    def solve(self, grads: torch.Tensor, runtime: Runtime | None = None) -> torch.Tensor:
+        """``(C + λI)⁻¹ g`` for ``grads [p]`` or ``[k, p]``; same shape, dtype and device out.
+
+        ``runtime`` is how matrix-free methods (CG, LiSSA) run their curvature products
+        (default: the runtime they were fitted with).
+        """
         self.check_fitted()
         p = self.param_space_.numel
         if grads.shape[-1] != p or grads.dim() not in (1, 2):
@@ -91,12 +122,12 @@ class InverseCurvature(ABC):
                              f"{tuple(grads.shape)}")
         single = grads.dim() == 1
         rows = grads[None] if single else grads
-        out = self._solve(rows).to(grads.dtype)
+        out = self._solve(rows, runtime).to(dtype=grads.dtype, device=grads.device)
         return out[0] if single else out
 
     @abstractmethod
-    def _solve(self, grads: torch.Tensor) -> torch.Tensor:
-        """Apply the fitted inverse to ``grads [k, p]``."""
+    def _solve(self, grads: torch.Tensor, runtime: Runtime | None) -> torch.Tensor:
+        """Apply the fitted inverse to ``grads [k, p]`` (any dtype/device out)."""
 
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

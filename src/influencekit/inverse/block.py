@@ -6,6 +6,8 @@ import torch
 
 from ..curvature import Curvature
 from ..errors import NotFittedError
+from ..func.params import ParamSpace
+from ..task.regularizer import L2Regularizer
 from ..task.target import Target
 from .base import REGISTRY, InverseCurvature
 
@@ -66,7 +68,7 @@ class BlockDiagonal(InverseCurvature):
         full = curvature.target.space
         self.blocks_, self.indices_, infos = [], [], []
         for names, source in plan:
-            method = _clone(default if source < 0 else pairs[source][1])
+            method = (default if source < 0 else pairs[source][1]).clone()
             sub = method.fit(restrict(curvature, names), runtime)
             self.blocks_.append(sub)
             self.indices_.append(_indices(full, sub.param_space_.names))
@@ -112,12 +114,38 @@ class BlockDiagonal(InverseCurvature):
                     "which is not stored: call .attach(ik.Curvature(target, train_data, "
                     "kind=...)) on the block_diagonal inverse before solving.") from exc
 
-    def _solve(self, grads):
-        g = grads.to(torch.float64)
-        out = torch.zeros_like(g)
+    def _solve(self, grads, runtime=None):
+        out = torch.empty_like(grads)
         for block, idx in zip(self.blocks_, self.indices_, strict=True):
-            out[:, idx] = block.solve(g[:, idx]).to(torch.float64).to(out.device)
+            idx = idx.to(grads.device)
+            out[:, idx] = block.solve(grads[:, idx], runtime)
         return out
+
+    @property
+    def damping_(self) -> float:
+        """Mean over blocks of their λ (each block's in ``damping_vector_()``)."""
+        InverseCurvature.check_fitted(self)
+        sizes = [len(idx) for idx in self.indices_]
+        total = sum(b.damping_ * n for b, n in zip(self.blocks_, sizes, strict=True))
+        return float(total / sum(sizes))
+
+    def damping_vector_(self) -> torch.Tensor:
+        out = torch.empty(self.param_space_.numel, dtype=torch.float64)
+        for block, idx in zip(self.blocks_, self.indices_, strict=True):
+            out[idx] = block.damping_vector_()
+        return out
+
+    def clone(self, **changes) -> BlockDiagonal:
+        """An unfitted copy; ``damping=λ`` sets λ in every block's method."""
+        damping = changes.pop("damping", None)
+        if changes:
+            raise ValueError(f"block_diagonal has no setting {sorted(changes)}; change its "
+                             "groups' methods instead (or damping=, applied to every block)")
+        if damping is None:
+            return BlockDiagonal(self.groups, self.default)
+        pairs = [(spec, m.clone(damping=damping)) for spec, m in self._pairs()]
+        default = self._default()
+        return BlockDiagonal(pairs, None if default is None else default.clone(damping=damping))
 
     def attach(self, curvature, runtime=None):
         """Re-attach the curvature to lazy blocks (CG, LiSSA) after loading; returns self."""
@@ -143,7 +171,7 @@ class BlockDiagonal(InverseCurvature):
         self.blocks_, self.indices_ = [], []
         full = _space_of(fit_info)
         for i, info in enumerate(fit_info["blocks"]):
-            method = _clone(default if info["source"] < 0 else pairs[info["source"]][1])
+            method = (default if info["source"] < 0 else pairs[info["source"]][1]).clone()
             prefix = f"block{i}."
             mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             self.blocks_.append(method.load_state_dict(mine, info["fit_info"]))
@@ -166,13 +194,18 @@ def restrict(curvature: Curvature, names: list[str]) -> Curvature:
     """
     target = curvature.target
     sub_target = Target(target.model, target.task, params=list(names),
-                        regularizer=_restricted_regularizer(target))
-    return Curvature(sub_target, curvature.data, curvature.kind, curvature.weights)
+                        regularizer=_restricted_regularizer(target, list(names)))
+    return Curvature(sub_target, curvature.data, curvature.kind, curvature.weights,
+                     n_samples=curvature.n_samples, seed=curvature.seed)
 
 
-def _restricted_regularizer(target: Target):
-    if target.regularizer is None:
+def _restricted_regularizer(target: Target, names: list[str]):
+    reg = target.regularizer
+    if reg is None:
         return None
+    if isinstance(reg, L2Regularizer):  # stays an L2Regularizer (K-FAC reads its strength)
+        covered = [n for n in names if reg.names is None or n in reg.names]
+        return L2Regularizer(reg.strength, names=covered) if covered else None
     fixed = target.params()
 
     def regularizer(sub):
@@ -202,11 +235,6 @@ def _method(method) -> InverseCurvature:
                     f"got {method!r}")
 
 
-def _clone(method: InverseCurvature) -> InverseCurvature:
-    """A fresh unfitted copy (from the config; the user's object is never fitted in place)."""
-    return _method(method.get_config())
-
-
 def _matches(spec, name: str) -> bool:
     if isinstance(spec, list):
         return name in spec
@@ -219,5 +247,4 @@ def _indices(space, names) -> torch.Tensor:
 
 
 def _space_of(fit_info):
-    from ..func.params import ParamSpace
     return ParamSpace(tuple(fit_info["names"]), tuple(tuple(s) for s in fit_info["shapes"]))

@@ -54,7 +54,7 @@ class CG(LazyInverse):
         if self.on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure={self.on_failure!r} is not one of {ON_FAILURE}")
 
-    def _solve(self, grads):
+    def _solve(self, grads, runtime=None):
         g = grads.to(torch.float64)
         x, iterations = conjugate_gradients(self._matvec, g, self.max_iter, self.tol)
         residuals = relative_residuals(self._matvec(x) - g, g)

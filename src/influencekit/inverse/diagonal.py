@@ -6,8 +6,7 @@ import torch
 
 from ..errors import InfluenceKitError
 from ..func.products import hessian_vector_products
-from ..grads.data import batches, check_weights, num_examples
-from ..grads.stream import compute_dtype
+from ..grads import compute_dtype
 from ..task.regularizer import L2Regularizer
 from .arnoldi import PROBE_CHUNK
 from .base import InverseCurvature
@@ -85,7 +84,7 @@ class Diagonal(InverseCurvature):
                 f"{max(-float(self.diagonal_.min()), 0.0):.3g}, use kind='ggn', or a more "
                 "accurate estimator.")
 
-    def _solve(self, grads):
+    def _solve(self, grads, runtime=None):
         return grads.to(torch.float64).cpu() / (self.diagonal_ + self.damping)
 
     def _state_names(self):
@@ -95,18 +94,12 @@ class Diagonal(InverseCurvature):
 def gradient_diagonal(curvature, runtime) -> torch.Tensor:
     """Exact diag of a (empirical) Fisher: ``Σ_i w_i Σ_y p(y) g_i(y)² / Σw + diag(∇²R)``."""
     dtype = compute_dtype(curvature.target, runtime)
-    loader = curvature.loader(runtime)
-    weights = check_weights(curvature.weights, num_examples(loader), runtime)
     flat = curvature.target.flat_params(dtype, runtime.device)
     total = torch.zeros(flat.numel(), dtype=torch.float64, device=flat.device)
-    weight_sum = 0.0
-    for _, batch, w in batches(loader, runtime, dtype, weights, desc="diagonal"):
-        inputs, targets = curvature._inputs_targets(batch, dtype)
-        for labels, probs in curvature._label_sets(flat, inputs, targets):
-            grads = curvature._per_example_grads(flat, inputs, labels)
-            total += ((w * probs)[:, None] * grads**2).sum(dim=0).to(torch.float64)
-        weight_sum += float(w.sum())
-    return total / weight_sum + regularizer_diagonal(curvature.target, flat).to(torch.float64)
+    for coef, grads in curvature.iter_weighted_gradients(runtime):
+        total += (coef[:, None] * grads**2).sum(dim=0).to(torch.float64)
+    total /= curvature.total_weight(runtime)
+    return total + regularizer_diagonal(curvature.target, flat).to(torch.float64)
 
 
 def regularizer_diagonal(target, flat: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ class Exact(InverseCurvature):
                 "scores may have the wrong sign. Use kind='ggn' or damping above "
                 f"{-float(e[0]):.3g}.", stacklevel=3)
 
-    def _solve(self, grads):
+    def _solve(self, grads, runtime=None):
         v = self.eigenvectors_
         g = grads.to(v.dtype).to(v.device)
         return ((g @ v) / (self.eigenvalues_ + self.damping)) @ v.T

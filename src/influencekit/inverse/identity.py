@@ -25,7 +25,7 @@ class Identity(InverseCurvature):
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
 
-    def _solve(self, grads):
+    def _solve(self, grads, runtime=None):
         g = grads.to(torch.float64)
         return g / self.damping if self.damping > 0 else g.clone()
 

@@ -1,8 +1,8 @@
 """K-FAC and EK-FAC: block-diagonal (per layer) Kronecker-factored ``(C + λI)⁻¹``.
 
-Per supported layer (``nn.Linear`` / ``nn.Conv2d``, bias included) the curvature block of the
-mean training loss is approximated in the layer's gradient-matrix layout ``[d_out, width]``
-(weight row o followed by bias o; see :mod:`influencekit.grads.hooks`) by
+Per supported layer (``nn.Linear``, ``nn.Conv2d``, GPT-2's ``Conv1D``; bias included) the
+curvature block of the mean training loss is approximated in the layer's gradient-matrix layout
+``[d_out, width]`` (weight row o followed by bias o; see :mod:`influencekit.grads.layers`) by
 
 - K-FAC: ``S ⊗ A`` with eigenvalues ``s_o · a_j`` in the basis ``Q_S ⊗ Q_A``;
 - EK-FAC: the same basis with the eigenvalues replaced by the mean squared per-example gradient
@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from ..curvature.kfac import LabelSampler, eigenvalue_corrections, kronecker_factors, label_mode
-from ..errors import InfluenceKitError
-from ..grads.hooks import HookedLayer, find_layers, layer_index
+from ..curvature.kfac import eigenvalue_corrections, kronecker_factors
+from ..curvature.labels import LabelSets, resolve_label_mode
+from ..errors import InfluenceKitError, UnsupportedModuleError
+from ..grads import Layer, find_layers, layer_index
 from ..task.regularizer import L2Regularizer
 from .base import InverseCurvature
+
+FACTORED_KINDS = ("linear", "conv2d", "conv1d")
 
 F64 = torch.float64
 
@@ -32,7 +35,7 @@ class _KroneckerInverse(InverseCurvature):
 
     corrected = False
 
-    def __init__(self, damping: float | str = "auto", labels: str = "exact", n_samples: int = 1,
+    def __init__(self, damping: float | str = "auto", labels: str = "auto", n_samples: int = 1,
                  seed: int = 0, modules: list[str] | None = None):
         self.damping = damping
         self.labels = labels
@@ -43,11 +46,17 @@ class _KroneckerInverse(InverseCurvature):
     # -- fitting ------------------------------------------------------------------------------
     def _fit(self, curvature, runtime):
         self._check_damping()
-        mode = label_mode(curvature.kind, self.labels)
         target = curvature.target
-        layers = find_layers(target, self.modules)
+        if curvature.kind == "hessian":
+            raise InfluenceKitError(
+                "K-FAC approximates a Gauss-Newton / Fisher curvature, not kind='hessian'. Use "
+                "kind='ggn' (or 'fisher' / 'empirical_fisher'), or a Hessian method (ik.Exact, "
+                "ik.CG).")
+        mode = resolve_label_mode(target.task, curvature.kind, self.labels)
+        layers = find_layers(target, self.modules, FACTORED_KINDS)
+        _refuse_tied(layers)
         extra = _regularizer_shift(target, layers)
-        factors = kronecker_factors(curvature, runtime, layers, self._sampler(mode))
+        factors = kronecker_factors(curvature, runtime, layers, self._labels(mode))
         self.a_eigenvalues_, self.a_eigenvectors_ = [], []
         self.s_eigenvalues_, self.s_eigenvectors_ = [], []
         for layer in layers:
@@ -61,12 +70,12 @@ class _KroneckerInverse(InverseCurvature):
         if self.corrected:
             bases = {layer.name: (self.a_eigenvectors_[i], self.s_eigenvectors_[i])
                      for i, layer in enumerate(layers)}
-            lam = eigenvalue_corrections(curvature, runtime, layers, self._sampler(mode), bases)
+            lam = eigenvalue_corrections(curvature, runtime, layers, self._labels(mode), bases)
             self.corrected_eigenvalues_ = [lam[layer.name] for layer in layers]
         self.fit_info_.update(labels=mode, layers=[layer.to_dict() for layer in layers])
         means = [float(self._eigenvalues(i).mean()) for i in range(len(layers))]
         dampings = [0.1 * m if self.damping == "auto" else float(self.damping) for m in means]
-        self.damping_ = torch.tensor(dampings, dtype=F64)
+        self.layer_damping_ = torch.tensor(dampings, dtype=F64)
         self.regularizer_shift_ = torch.tensor(extra, dtype=F64)
         self.fit_info_.update(
             damping={layer.name: d for layer, d in zip(layers, dampings, strict=True)},
@@ -76,8 +85,8 @@ class _KroneckerInverse(InverseCurvature):
                             for i, layer in enumerate(layers)})
         self._check_invertible()
 
-    def _sampler(self, mode):
-        return LabelSampler(mode, self.n_samples, self.seed)
+    def _labels(self, mode):
+        return LabelSets(mode, self.n_samples, self.seed)
 
     def _check_damping(self):
         if self.damping == "auto":
@@ -87,20 +96,32 @@ class _KroneckerInverse(InverseCurvature):
 
     def _check_invertible(self):
         for i, layer in enumerate(self.layers_):
-            shifted = self._eigenvalues(i) + self.regularizer_shift_[i] + self.damping_[i]
+            shifted = self._eigenvalues(i) + self.regularizer_shift_[i] + self.layer_damping_[i]
             scale = float(self._eigenvalues(i).abs().max().clamp_min(1e-300))
             if float(shifted.min()) <= 1e-12 * scale:
                 raise InfluenceKitError(
                     f"layer {layer.name!r}: the factored curvature plus damping is singular "
                     f"(smallest eigenvalue {float(shifted.min()):.3g}, damping "
-                    f"{float(self.damping_[i]):.3g}). Use damping > 0, e.g. "
+                    f"{float(self.layer_damping_[i]):.3g}). Use damping > 0, e.g. "
                     f"{type(self).__name__}(damping='auto') (0.1 × mean eigenvalue per layer).")
 
     # -- fitted structure ---------------------------------------------------------------------
     @property
-    def layers_(self) -> list[HookedLayer]:
+    def layers_(self) -> list[Layer]:
         self.check_fitted()
-        return [HookedLayer(**d) for d in self.fit_info_["layers"]]
+        return [Layer(**d) for d in self.fit_info_["layers"]]
+
+    @property
+    def damping_(self) -> float:
+        """Mean over layers of the λ used (``fit_info_["damping"]`` has each layer's)."""
+        self.check_fitted()
+        return float(self.layer_damping_.mean())
+
+    def damping_vector_(self) -> torch.Tensor:
+        out = torch.empty(self.param_space_.numel, dtype=F64)
+        for i, idx in enumerate(self._indices()):
+            out[idx.reshape(-1)] = float(self.layer_damping_[i])
+        return out
 
     def _eigenvalues(self, i: int) -> torch.Tensor:
         """``[d_out, width]`` eigenvalues of layer i's block in the basis ``Q_S ⊗ Q_A``."""
@@ -109,21 +130,27 @@ class _KroneckerInverse(InverseCurvature):
         return torch.outer(self.s_eigenvalues_[i], self.a_eigenvalues_[i])
 
     def _indices(self) -> list[torch.Tensor]:
-        space = self.param_space_
-        return [layer_index(layer, space) for layer in self.layers_]
+        """``[d_out, width]`` flat positions of each layer (computed once per fit/load)."""
+        cached = getattr(self, "_index_cache", None)
+        if cached is None or cached[0] is not self.fit_info_:
+            space = self.param_space_
+            cached = (self.fit_info_, [layer_index(layer, space) for layer in self.layers_])
+            self._index_cache = cached
+        return cached[1]
 
     # -- applying -----------------------------------------------------------------------------
-    def _solve(self, grads):
+    def _solve(self, grads, runtime=None):
         device = self.a_eigenvectors_[0].device
-        g = grads.to(device=device, dtype=F64)
-        out = torch.zeros_like(g)
+        out = torch.empty_like(grads)
         for i, idx in enumerate(self._indices()):
-            idx = idx.to(device)
+            flat_idx = idx.reshape(-1).to(grads.device)
+            block = grads[:, flat_idx].to(device=device, dtype=F64).reshape(-1, *idx.shape)
             qa, qs = self.a_eigenvectors_[i], self.s_eigenvectors_[i]
-            rotated = qs.T @ g[:, idx] @ qa                                    # [k, d_out, width]
-            shift = self.regularizer_shift_[i] + self.damping_[i]
+            rotated = qs.T @ block @ qa                                        # [k, d_out, width]
+            shift = self.regularizer_shift_[i] + self.layer_damping_[i]
             rotated = rotated / (self._eigenvalues(i) + shift)
-            out[:, idx] = qs @ rotated @ qa.T
+            solved = (qs @ rotated @ qa.T).reshape(grads.shape[0], -1)
+            out[:, flat_idx] = solved.to(device=grads.device, dtype=grads.dtype)
         return out
 
     def matrix(self) -> torch.Tensor:
@@ -151,13 +178,13 @@ class _KroneckerInverse(InverseCurvature):
     def _state_names(self):
         n = len(self.fit_info_["layers"])
         return ([f"{attr}{i}" for attr in self._per_layer_names() for i in range(n)]
-                + ["damping_", "regularizer_shift_"])
+                + ["layer_damping_", "regularizer_shift_"])
 
     def state_dict(self):
         self.check_fitted()
         out = {f"{attr}{i}": t for attr in self._per_layer_names()
                for i, t in enumerate(getattr(self, attr))}
-        out.update(damping_=self.damping_, regularizer_shift_=self.regularizer_shift_)
+        out.update(layer_damping_=self.layer_damping_, regularizer_shift_=self.regularizer_shift_)
         return out
 
     def load_state_dict(self, tensors, fit_info):
@@ -170,7 +197,7 @@ class _KroneckerInverse(InverseCurvature):
             raise ValueError(f"state for {type(self).__name__} lacks tensors {missing}")
         for attr in self._per_layer_names():
             setattr(self, attr, [tensors[f"{attr}{i}"] for i in range(n)])
-        self.damping_ = tensors["damping_"]
+        self.layer_damping_ = tensors["layer_damping_"]
         self.regularizer_shift_ = tensors["regularizer_shift_"]
         return self
 
@@ -183,13 +210,14 @@ class KFAC(_KroneckerInverse):
             layer's ``S ⊗ A`` (reported per layer in ``fit_info_["damping"]``; computed from
             the data part only, an L2 regulariser's strength is added on top and reported in
             ``fit_info_["regularizer_shift"]``).
-        labels: ``"exact"`` (every class weighted by its predicted probability; default),
-            ``"sampled"`` (``n_samples`` labels per example from the model's predictive
-            distribution, generator seeded with ``seed``) for ``kind="ggn"``/``"fisher"``;
-            a curvature of ``kind="empirical_fisher"`` always uses the true labels.
+        labels: ``"auto"`` (default: ``"exact"`` when the task enumerates its predictive
+            distribution, else ``"sampled"``), ``"exact"`` (every class weighted by its predicted
+            probability), ``"sampled"`` (``n_samples`` labels per example from the model's
+            predictive distribution, generator seeded with ``seed``) for ``kind="ggn"`` /
+            ``"fisher"``; a curvature of ``kind="empirical_fisher"`` always uses the true labels.
         n_samples, seed: for ``labels="sampled"``.
-        modules: names of the modules to factor (default: every ``nn.Linear``/``nn.Conv2d``
-            holding Target parameters). Every Target parameter must lie in one of them;
+        modules: names of the modules to factor (default: every ``nn.Linear`` / ``nn.Conv2d`` /
+            ``Conv1D`` holding Target parameters). Every Target parameter must lie in one of them;
             otherwise :class:`~influencekit.errors.UnsupportedModuleError` names the others.
 
     The curvature's ``kind`` decides what is approximated: ``"ggn"`` and ``"fisher"`` use the
@@ -200,7 +228,8 @@ class KFAC(_KroneckerInverse):
 
     Fitted: per layer the eigen-decompositions of A and S (``a_eigenvalues_``,
     ``a_eigenvectors_``, ``s_eigenvalues_``, ``s_eigenvectors_``, lists over ``layers_``),
-    ``damping_ [n_layers]`` (resolved λ) and ``regularizer_shift_ [n_layers]``.
+    ``layer_damping_ [n_layers]`` (resolved λ per layer; ``damping_`` is their mean) and
+    ``regularizer_shift_ [n_layers]``.
     """
 
 
@@ -216,7 +245,21 @@ class EKFAC(_KroneckerInverse):
     corrected = True
 
 
-def _regularizer_shift(target, layers: list[HookedLayer]) -> list[float]:
+def _refuse_tied(layers: list[Layer]) -> None:
+    seen: dict[str, str] = {}
+    for layer in layers:
+        for name in (layer.weight, layer.bias):
+            if name and name in seen:
+                raise UnsupportedModuleError(
+                    f"parameter {name!r} is shared by modules {seen[name]!r} and {layer.name!r} "
+                    "(tied weights); K-FAC factors one module per parameter. Exclude it from the "
+                    "Target, or give it its own block: ik.block_diagonal({" + repr(name) + ": "
+                    "ik.Exact(...)}, default=ik.KFAC(...)).")
+            if name:
+                seen[name] = layer.name
+
+
+def _regularizer_shift(target, layers: list[Layer]) -> list[float]:
     """∇²R as a multiple of the identity on each layer (0 without a regulariser)."""
     reg = target.regularizer
     if reg is None:

@@ -72,9 +72,23 @@ class LazyInverse(InverseCurvature):
         InverseCurvature.check_fitted(self)
         return {}
 
+    def solve(self, grads, runtime: Runtime | None = None):
+        """As :meth:`InverseCurvature.solve`; the curvature products run with ``runtime``
+        (default: the runtime given to ``fit`` / ``attach``)."""
+        self._solve_runtime = runtime
+        try:
+            return super().solve(grads, runtime)
+        finally:
+            self._solve_runtime = None
+
+    @property
+    def product_runtime(self) -> Runtime:
+        """The runtime curvature products use now (the solve's, else the fit's)."""
+        return getattr(self, "_solve_runtime", None) or self.runtime_
+
     def _matvec(self, vectors):
         """(C + λI) v for rows ``vectors [k, p]`` (float64 out), one pass over the data."""
-        cv = self.curvature_.matvec(vectors, self.runtime_)
+        cv = self.curvature_.matvec(vectors, self.product_runtime)
         return cv.to(vectors.dtype).to(vectors.device) + self.damping * vectors
 
 

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grads.data import as_loader, num_examples
-from ..grads.stream import gradients
+from ..grads import as_loader, gradients, iter_batches, num_examples, take
 from ..runtime import Runtime, resolve_runtime
-from ..task.target import Target, _cast_floating
+from ..task.target import Target
 from .optimize import minimize
 
 
@@ -45,12 +44,11 @@ class ResponseCurve:
 
 def measure(target: Target, flat: torch.Tensor, query, runtime: Runtime) -> torch.Tensor:
     """f at flat θ for every query example, ``[n_query]``."""
-    params = target.space.unflatten(flat)
+    params = target.space.unflatten(flat.to(runtime.device))
     loader = as_loader(query, runtime, "query data")
     out = []
     with torch.no_grad():
-        for batch in loader:
-            batch = _cast_floating(batch, flat.dtype, runtime.device)
+        for _, batch, _ in iter_batches(loader, runtime, flat.dtype):
             out.append(target.measurements(params, batch))
     return torch.cat(out)
 
@@ -75,13 +73,13 @@ def response_curve(target: Target, train, index: int, epsilons, query, *,
         if inverse is None:
             raise ValueError("pass parameter_influence=[p] or a fitted inverse=")
         from ..scoring.influence import Influence
-        one = _subset(train, index, runtime)
+        one = take(train, [index], runtime, "training data")
         parameter_influence = Influence(target, inverse).parameter_influence(one, runtime)[0]
     dtheta = parameter_influence.to(torch.float64)
     eps = torch.as_tensor(epsilons, dtype=torch.float64)
     f_hat = measure(target, theta_hat, query, runtime)
     g_query = gradients(target, query, runtime.replace(dtype=torch.float64),
-                        which="measurement")
+                        of="measurement")
     df = g_query @ dtheta
     thetas, values = [], []
     base = (torch.ones(n, dtype=torch.float64) if weights is None
@@ -117,10 +115,3 @@ def leave_one_out(target: Target, train, indices, query, *, runtime: Runtime | N
                           grad_tol=grad_tol)
         changes.append(measure(target, result.params, query, runtime) - f_hat)
     return torch.stack(changes, dim=1)
-
-
-def _subset(data, index: int, runtime: Runtime):
-    dataset = as_loader(data, runtime).dataset
-    example = dataset[index]
-    return tuple(t.unsqueeze(0) if isinstance(t, torch.Tensor) else torch.tensor([t])
-                 for t in example)

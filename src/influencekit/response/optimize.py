@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NonFiniteError
-from ..grads.data import as_loader, batches, check_weights, num_examples
+from ..grads import as_loader, check_weights, iter_batches, num_examples
 from ..runtime import Runtime, resolve_runtime
 from ..task.target import Target
 
@@ -43,7 +43,7 @@ def minimize(target: Target, data, weights=None, init: torch.Tensor | None = Non
     runtime = resolve_runtime(runtime).replace(dtype=torch.float64)
     loader = as_loader(data, runtime, "training data")
     w_all = check_weights(weights, num_examples(loader), runtime)
-    cached = [(b, w) for _, b, w in batches(loader, runtime, torch.float64, w_all)]
+    cached = [(b, w) for _, b, w in iter_batches(loader, runtime, torch.float64, w_all)]
     start = target.flat_params(torch.float64, runtime.device) if init is None else init
     theta = start.detach().to(dtype=torch.float64, device=runtime.device).clone()
 

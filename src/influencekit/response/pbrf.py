@@ -32,12 +32,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..grads.data import as_loader, batches, num_examples
+from ..grads import as_loader, cast_batch, collate, iter_batches, num_examples
 from ..runtime import Runtime, resolve_runtime
-from ..task.target import Target, _cast_floating
+from ..task.target import Target
 from .curve import measure
 from .optimize import OptimizeResult, minimize_function
-from .retrain import _collate, subset_data
+from .training import batch_schedule
+from .training import train as run_training
 
 MODES = ("loo", "proximal", "pbrf", "pbrf_linear")
 
@@ -79,9 +80,8 @@ class _Objective:
         self.n = num_examples(loader)
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} is outside the training data (n = {self.n})")
-        one = subset_data(train, [index], runtime)
-        self.example = _cast_floating(_collate(as_loader(one, runtime).dataset,
-                                               torch.arange(1)), dtype, runtime.device)
+        self.example = cast_batch(collate(train, [index], runtime, "training data"), dtype,
+                                  runtime.device)
         self.anchor_params = target.space.unflatten(self.anchor)
         self._reg_anchor = target.regularization(self.anchor_params).detach()
         self._reg_grad = self._grad_of(lambda p: target.regularization(p))
@@ -101,7 +101,7 @@ class _Objective:
         """(yˢ, targets, ℓ(yˢ), ∇ℓ(yˢ)) of a batch, computed once and reused."""
         with torch.no_grad():
             anchor_out = self.target.outputs(self.anchor_params, batch)
-        targets = self.target._targets(batch, anchor_out)
+        targets = self.target.targets(batch, anchor_out)
         loss, slope = _anchor_stats(self.target.task, anchor_out, targets)
         return anchor_out, targets, loss, slope
 
@@ -146,7 +146,7 @@ def solve_response(target: Target, train, index: int, *, damping: float, epsilon
     obj = _Objective(target, train, index, epsilon, damping, mode,
                      anchor.to(torch.float64), runtime, torch.float64)
     loader = as_loader(train, runtime, "training data")
-    cached = [b for _, b, _ in batches(loader, runtime, torch.float64)]
+    cached = [b for _, b, _ in iter_batches(loader, runtime, torch.float64)]
     stats = [None if mode in ("loo", "proximal") else obj.anchor_stats(b) for b in cached]
 
     def value(theta):
@@ -162,37 +162,29 @@ def solve_response_minibatch(target: Target, train, index: int, *, damping: floa
                              epsilon: float = -1.0, mode: str = "pbrf",
                              anchor: torch.Tensor | None = None, epochs: int = 10,
                              lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
-                             dtype: torch.dtype = torch.float32,
+                             optimizer: str = "adam", dtype: torch.dtype = torch.float32,
                              runtime: Runtime | None = None) -> OptimizeResult:
-    """The same objective minimised with Adam on minibatches (large models).
+    """The same objective minimised on minibatches (large models) by the one training loop
+    (:func:`influencekit.response.train`, default Adam).
 
     Each step uses the unbiased minibatch estimate of the data term (mean over the batch).
-    Returns the final parameters (float64); ``objective`` and ``grad_norm`` are of the last
-    minibatch.
+    Returns the final parameters (float64); ``objective`` is of the last minibatch and
+    ``grad_norm`` is nan (not computed over the full objective).
     """
     runtime = resolve_runtime(runtime)
     if anchor is None:
         anchor = target.flat_params(dtype, runtime.device)
     obj = _Objective(target, train, index, epsilon, damping, mode, anchor, runtime, dtype)
-    dataset = as_loader(train, runtime).dataset
-    theta = obj.anchor.clone().requires_grad_(True)
-    opt = torch.optim.Adam([theta], lr=lr)
-    gen = torch.Generator().manual_seed(int(seed))
-    steps, value = 0, torch.zeros(())
-    for _ in range(epochs):
-        order = torch.randperm(obj.n, generator=gen)
-        for start in range(0, obj.n, batch_size):
-            idx = order[start:start + batch_size]
-            batch = _cast_floating(_collate(dataset, idx), dtype, runtime.device)
-            opt.zero_grad()
-            params = target.space.unflatten(theta)
-            value = obj.data_term(params, batch) / len(idx) + obj.rest(theta, params)
-            value.backward()
-            opt.step()
-            steps += 1
-    grad_norm = float(theta.grad.abs().max()) if theta.grad is not None else float("nan")
-    return OptimizeResult(theta.detach().to(torch.float64), float(value.detach()), grad_norm,
-                            steps)
+
+    def objective(theta, batch, w):
+        params = target.space.unflatten(theta)
+        return obj.data_term(params, batch) / w.numel() + obj.rest(theta, params)
+
+    schedule = batch_schedule(obj.n, batch_size=batch_size, seed=seed, epochs=epochs)
+    result = run_training(target, train, schedule, objective=objective, optimizer=optimizer, lr=lr,
+                   init=obj.anchor, dtype=dtype, runtime=runtime, desc=f"{mode} (minibatch)")
+    return OptimizeResult(result.params.to(torch.float64), result.last_objective,
+                          float("nan"), result.steps)
 
 
 def response_changes(target: Target, train, indices, query, *, damping: float,

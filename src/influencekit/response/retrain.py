@@ -21,13 +21,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 
-from ..grads.data import as_loader, batches, num_examples
+from ..grads import as_loader, iter_batches, num_examples, take
 from ..runtime import Runtime, resolve_runtime
-from ..task.target import Target, _cast_floating
+from ..task.target import Target
 from .curve import measure
 from .optimize import minimize_function
+from .training import batch_schedule, check_optimizer
+from .training import train as train_fn
 
 
 @runtime_checkable
@@ -42,11 +43,8 @@ class Retrainer(Protocol):
 
 
 def subset_data(train, indices, runtime: Runtime):
-    """``train`` restricted to ``indices`` (a tuple of tensors stays a tuple of tensors)."""
-    idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-    if isinstance(train, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in train):
-        return tuple(t[idx] for t in train)
-    return Subset(as_loader(train, runtime, "training data").dataset, idx.tolist())
+    """``train`` restricted to ``indices`` (:func:`influencekit.grads.take`)."""
+    return take(train, indices, runtime, "training data")
 
 
 def _start(target: Target, init, dtype, runtime: Runtime) -> torch.Tensor:
@@ -66,7 +64,7 @@ class LBFGSRetrainer:
         runtime = resolve_runtime(runtime)
         start = _start(target, init, torch.float64, runtime)
         loader = as_loader(subset_data(train, indices, runtime), runtime, "training data")
-        cached = [(b, w) for _, b, w in batches(loader, runtime, torch.float64)]
+        cached = [(b, w) for _, b, w in iter_batches(loader, runtime, torch.float64)]
         return minimize_function(lambda t: target.objective(target.space.unflatten(t), cached),
                                  start, self.grad_tol, self.max_iter).params
 
@@ -75,13 +73,14 @@ class LBFGSRetrainer:
 
 
 class SGDRetrainer:
-    """Minibatch training of ``mean batch loss + R`` for ``epochs`` passes over the subset.
+    """Minibatch training of ``mean batch loss + R`` for ``epochs`` passes over the subset
+    (:func:`influencekit.response.train`).
 
     Args:
         epochs: passes over the subset.
         lr: learning rate.
         batch_size: examples per step (the last batch of an epoch may be smaller).
-        optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
+        optimizer: ``"adam"``, ``"sgd"`` (with ``momentum``) or ``"normalized"``.
         dtype: dtype of training (default float32; results are returned in float64).
 
     The seed fixes the shuffling order, so the same (subset, seed, init) gives the same result.
@@ -90,8 +89,7 @@ class SGDRetrainer:
     def __init__(self, epochs: int = 20, lr: float = 1e-2, batch_size: int = 64,
                  optimizer: str = "adam", momentum: float = 0.0,
                  dtype: torch.dtype = torch.float32):
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer={optimizer!r} is not 'adam' or 'sgd'")
+        check_optimizer(optimizer)
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -101,37 +99,17 @@ class SGDRetrainer:
 
     def retrain(self, target, train, indices, *, seed=0, init=None, runtime=None):
         runtime = resolve_runtime(runtime)
-        theta = _start(target, init, self.dtype, runtime).requires_grad_(True)
-        dataset = as_loader(subset_data(train, indices, runtime), runtime).dataset
-        n = len(dataset)
-        if self.optimizer == "adam":
-            opt = torch.optim.Adam([theta], lr=self.lr)
-        else:
-            opt = torch.optim.SGD([theta], lr=self.lr, momentum=self.momentum)
-        gen = torch.Generator().manual_seed(int(seed))
-        for _ in range(self.epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, self.batch_size):
-                batch = _collate(dataset, order[start:start + self.batch_size])
-                batch = _cast_floating(batch, self.dtype, runtime.device)
-                w = torch.ones(len(batch[0]), dtype=self.dtype, device=runtime.device)
-                opt.zero_grad()
-                loss = target.objective(target.space.unflatten(theta), [(batch, w)])
-                loss.backward()
-                opt.step()
-        return theta.detach().to(torch.float64)
+        data = subset_data(train, indices, runtime)
+        schedule = batch_schedule(num_examples(data), batch_size=self.batch_size, seed=seed,
+                                  epochs=self.epochs)
+        result = train_fn(target, data, schedule, optimizer=self.optimizer, lr=self.lr,
+                          momentum=self.momentum, init=_start(target, init, self.dtype, runtime),
+                          dtype=self.dtype, runtime=runtime.replace(progress=False))
+        return result.params.to(torch.float64)
 
     def __repr__(self):
         return (f"SGDRetrainer(epochs={self.epochs}, lr={self.lr}, batch_size={self.batch_size}, "
                 f"optimizer={self.optimizer!r}, momentum={self.momentum}, dtype={self.dtype})")
-
-
-def _collate(dataset, idx: torch.Tensor):
-    if hasattr(dataset, "tensors"):  # TensorDataset: index all at once
-        return tuple(t[idx] for t in dataset.tensors)
-    items = [dataset[int(i)] for i in idx]
-    return tuple(torch.stack([torch.as_tensor(it[k]) for it in items])
-                 for k in range(len(items[0])))
 
 
 def leave_one_out_retrained(target: Target, train, indices, query, retrainer: Retrainer, *,

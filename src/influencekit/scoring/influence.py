@@ -11,33 +11,65 @@ Shapes, sign and scale (see ``influencekit.conventions``):
 - ``parameter_influence(train)`` -> ``[n_train, p]``, ∂θ/∂w_m = −(1/n)(C + λI)⁻¹ g_m.
 
 Training gradients are g_m = ∇ℓ(z_m) + ∇R(θ̂) (the regulariser gradient is included because the
-loss is a weighted MEAN that renormalises when a weight changes).
+loss is a weighted MEAN that renormalises when a weight changes); ``include_regularizer=False``
+drops ∇R (the convention of codes that score with loss gradients only, e.g. kronfluence).
+
+Before scoring, the Target's parameters are checked against the ones the inverse was fitted at
+(a sha256 fingerprint): an inverse of another model, or of this model before further training,
+is refused (``allow_other_model=True`` to reuse it on purpose, as an approximation).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..grads.stream import gradients, iter_gradients
+from ..errors import ModelMismatchError
+from ..grads import iter_gradients
 from ..inverse.base import InverseCurvature
 from ..runtime import Runtime, resolve_runtime
 from ..task.target import Target
 
 
 class Influence:
-    """Influence scores of a Target through a fitted inverse curvature."""
+    """Influence scores of a Target through a fitted inverse curvature.
 
-    def __init__(self, target: Target, inverse: InverseCurvature):
+    Args:
+        target: model, task, parameters and regulariser.
+        inverse: a fitted inverse of this Target's curvature.
+        include_regularizer: training gradients g_m = ∇ℓ_m + ∇R (default, the conventions
+            table) or ∇ℓ_m alone (False).
+        allow_other_model: score even when the Target's parameters differ from those the
+            inverse was fitted at (default: refuse with :class:`ModelMismatchError`).
+    """
+
+    def __init__(self, target: Target, inverse: InverseCurvature,
+                 include_regularizer: bool = True, allow_other_model: bool = False):
         self.target = target
         self.inverse = inverse
+        self.include_regularizer = include_regularizer
+        self.allow_other_model = allow_other_model
 
     def _check(self):
         self.inverse.check_fitted()
         if self.inverse.param_space_ != self.target.space:
-            raise ValueError(
+            raise ModelMismatchError(
                 "the inverse was fitted for other parameters "
                 f"({list(self.inverse.param_space_.names)[:4]}...) than this Target selects "
                 f"({list(self.target.space.names)[:4]}...); fit it on a Curvature of this Target.")
+        if not self.allow_other_model:
+            fitted = self.inverse.fit_info_.get("fingerprint")
+            if fitted is not None and fitted != self.target.fingerprint():
+                raise ModelMismatchError(
+                    "the inverse was fitted at other parameter values than the Target's model has "
+                    "now (another model of the same shape, or this one trained further after "
+                    "fitting): its curvature does not describe this model. Fit it again on "
+                    "ik.Curvature(target, train), or pass Influence(..., "
+                    "allow_other_model=True) to reuse it knowingly as an approximation.")
+
+    def _train_stream(self, train, runtime, desc):
+        """``(start, g_m [B, p])`` with or without ∇R (``include_regularizer``)."""
+        yield from iter_gradients(self.target, train, runtime, of="loss", desc=desc,
+                                  include_regularizer=self.include_regularizer)
 
     @property
     def n_train(self) -> float:
@@ -46,18 +78,19 @@ class Influence:
 
     # -- gradients ----------------------------------------------------------------------------
     def train_gradients(self, train, runtime: Runtime | None = None) -> torch.Tensor:
-        """g_m = ∇ℓ(z_m) + ∇R, ``[n_train, p]``."""
-        return gradients(self.target, train, runtime, which="loss", desc="train gradients")
+        """g_m = ∇ℓ(z_m) + ∇R (or ∇ℓ alone, ``include_regularizer=False``), ``[n_train, p]``."""
+        return torch.cat([g for _, g in self._train_stream(train, runtime, "train gradients")])
 
     def query_gradients(self, query, runtime: Runtime | None = None) -> torch.Tensor:
         """g_q = ∇f(z_q) of the Task's measurement, ``[n_query, p]``."""
-        return gradients(self.target, query, runtime, which="measurement",
-                         desc="query gradients")
+        blocks = iter_gradients(self.target, query, runtime, of="measurement",
+                                desc="query gradients")
+        return torch.cat([g for _, g in blocks])
 
     def precondition(self, query, runtime: Runtime | None = None) -> torch.Tensor:
         """(C + λI)⁻¹ g_q, ``[n_query, p]``."""
         self._check()
-        return self.inverse.solve(self.query_gradients(query, runtime))
+        return self.inverse.solve(self.query_gradients(query, runtime), runtime)
 
     # -- scores -------------------------------------------------------------------------------
     def pairwise(self, query, train, runtime: Runtime | None = None) -> torch.Tensor:
@@ -68,8 +101,7 @@ class Influence:
         runtime = resolve_runtime(runtime)
         pre = self.precondition(query, runtime)
         blocks = [pre @ g.to(pre.dtype).T
-                  for _, g in iter_gradients(self.target, train, runtime, which="loss",
-                                             desc="scoring train")]
+                  for _, g in self._train_stream(train, runtime, "scoring train")]
         return torch.cat(blocks, dim=1)
 
     def pairwise_per_module(self, query, train, runtime: Runtime | None = None
@@ -87,8 +119,7 @@ class Influence:
         pre = self.precondition(query, runtime)
         groups = module_positions(self.target.space)
         blocks = {name: [] for name in groups}
-        for _, g in iter_gradients(self.target, train, runtime, which="loss",
-                                   desc="scoring train per module"):
+        for _, g in self._train_stream(train, runtime, "scoring train per module"):
             g = g.to(pre.dtype)
             for name, idx in groups.items():
                 blocks[name].append(pre[:, idx] @ g[:, idx].T)
@@ -98,15 +129,14 @@ class Influence:
         """g_mᵀ (C + λI)⁻¹ g_m for each training example, ``[n_train]``."""
         self._check()
         out = []
-        for _, g in iter_gradients(self.target, train, runtime, which="loss",
-                                   desc="self-influence"):
-            out.append((self.inverse.solve(g) * g).sum(dim=1))
+        for _, g in self._train_stream(train, runtime, "self-influence"):
+            out.append((self.inverse.solve(g, runtime) * g).sum(dim=1))
         return torch.cat(out)
 
     def parameter_influence(self, train, runtime: Runtime | None = None) -> torch.Tensor:
         """∂θ/∂w_m = −(1/n)(C + λI)⁻¹ g_m for each example, ``[n_train, p]``."""
         self._check()
-        return -self.inverse.solve(self.train_gradients(train, runtime)) / self.n_train
+        return -self.inverse.solve(self.train_gradients(train, runtime), runtime) / self.n_train
 
     def hypothetical(self, query, examples, runtime: Runtime | None = None) -> torch.Tensor:
         """Scores ``[n_query, k]`` of k examples that are NOT in the training set.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..grads.stream import gradients
+from ..grads import gradients
 from ..runtime import Runtime, resolve_runtime
 
 
@@ -56,7 +56,7 @@ class TracIn:
         total = 0.0
         for eta, ckpt in zip(self.learning_rates, self.checkpoints, strict=True):
             params = self._params(ckpt, self._dtype(runtime), runtime.device)
-            g = gradients(self.target, train, runtime, which="loss", params=params)
+            g = gradients(self.target, train, runtime, of="loss", params=params)
             total = total + eta * (g * g).sum(dim=1)
         return total
 
@@ -65,7 +65,7 @@ class TracIn:
         total = 0.0
         for eta, ckpt in zip(self.learning_rates, self.checkpoints, strict=True):
             params = self._params(ckpt, self._dtype(runtime), runtime.device)
-            gq = gradients(self.target, query, runtime, which="measurement", params=params)
-            gm = gradients(self.target, train, runtime, which="loss", params=params)
+            gq = gradients(self.target, query, runtime, of="measurement", params=params)
+            gm = gradients(self.target, train, runtime, of="loss", params=params)
             total = total + eta * combine(gq, gm)
         return total

@@ -7,8 +7,8 @@ the average out-to-loss weight Q_m:
 
     score[q, m] = mean_j[φ_qᵀ(Φ_jᵀΦ_j/n + λI)⁻¹φ_m] · mean_j[Q_m]        ``[n_query, n_train]``
 
-Model output function and Q (``output``):
-- ``"margin"`` (classification): f_out = log(p_y / (1 − p_y)) of the labelled class,
+Model output function and Q (``measurement``):
+- ``"log_odds"`` (classification): f_out = log(p_y / (1 − p_y)) of the labelled class,
   Q = 1 − p_y (TRAK's reweighting: d loss / d f_out = −(1 − p_y));
 - ``"loss"`` (any task): f_out = the training loss, Q = 1.
 The query uses the same f_out, so positive = helpful (raising the query's margin / lowering its
@@ -20,74 +20,68 @@ from __future__ import annotations
 
 import torch
 
-from ..func.grads import per_example_gradients
-from ..grads.data import as_loader, batches
-from ..grads.projection import RandomProjection
+from ..errors import InfluenceKitError
+from ..grads import RandomProjection, iter_values_and_gradients
 from ..runtime import Runtime, resolve_runtime
+from ..task.classification import log_odds
+
+MEASUREMENTS = ("log_odds", "loss")
 
 
 class TRAK:
     """TRAK scores of a Target.
 
     Args:
-        target: model + task (``output="margin"`` needs logits and integer labels).
+        target: model + task (``measurement="log_odds"`` needs logits ``[B, K]`` and integer
+            labels).
         models: flat parameter vectors ``[p]`` of the ensemble (default: the Target's own).
-        projection: a :class:`~influencekit.grads.projection.RandomProjection` or None.
+        projection: a :class:`~influencekit.grads.RandomProjection` or None.
         damping: λ added to the mean kernel ΦᵀΦ/n.
-        output: ``"margin"`` or ``"loss"``.
+        measurement: ``"log_odds"`` or ``"loss"`` (module docstring).
     """
 
     def __init__(self, target, models=None, projection: RandomProjection | None = None,
-                 damping: float = 0.0, output: str = "margin"):
-        if output not in ("margin", "loss"):
-            raise ValueError(f"output={output!r} is not 'margin' or 'loss'")
+                 damping: float = 0.0, measurement: str = "log_odds"):
+        if measurement not in MEASUREMENTS:
+            raise InfluenceKitError(f"measurement={measurement!r} is not one of {MEASUREMENTS}")
         self.target = target
         self.models = models
         self.projection = projection
         self.damping = damping
-        self.output = output
+        self.measurement = measurement
 
-    def _fn(self):
-        target = self.target
-        if self.output == "loss":
-            return target.losses
-
-        def margin(params, batch):
-            logits = target.outputs(params, batch)
-            y = target.task.targets(batch).to(logits.device)
-            label = logits.gather(1, y[:, None])[:, 0]
-            others = logits.scatter(1, y[:, None], float("-inf")).logsumexp(dim=1)
-            return label - others
-        return margin
-
-    def _features(self, params, data, runtime, dtype):
-        """(Φ [n, k], Q [n])."""
-        fn = self._fn()
+    def _features(self, params, data, runtime):
+        """(Φ [n, k], Q [n]) through the gradient engine (no regulariser: f_out's gradient)."""
+        of = log_odds if self.measurement == "log_odds" else "loss"
         feats, qs = [], []
-        for _, batch, _ in batches(as_loader(data, runtime), runtime, dtype):
-            values, grads = per_example_gradients(fn, params, batch)
-            flat = self.target.space.flatten(grads, batch_dims=1)
+        for _, values, flat in iter_values_and_gradients(self.target, data, runtime, of=of,
+                                                         params=params, desc="TRAK features",
+                                                         include_regularizer=False):
             feats.append(flat if self.projection is None else self.projection(flat))
-            if self.output == "margin":
-                qs.append(1.0 - torch.sigmoid(values.detach()))  # σ(log-odds) = p_y
+            if self.measurement == "log_odds":
+                qs.append(1.0 - torch.sigmoid(values))  # σ(log-odds) = p_y
             else:
-                qs.append(torch.ones_like(values.detach()))
+                qs.append(torch.ones_like(values))
         return torch.cat(feats), torch.cat(qs)
 
     def pairwise(self, query, train, runtime: Runtime | None = None) -> torch.Tensor:
         """Scores ``[n_query, n_train]`` (module doc for sign and scale)."""
         runtime = resolve_runtime(runtime)
         dtype = runtime.dtype or torch.float64
+        runtime = runtime.replace(dtype=dtype)
         models = self.models or [self.target.flat_params(dtype, runtime.device)]
         total, q_total = 0.0, 0.0
         for flat in models:
-            params = self.target.space.unflatten(torch.as_tensor(flat).to(dtype))
-            phi, q = self._features(params, train, runtime, dtype)
-            phi_q, _ = self._features(params, query, runtime, dtype)
+            params = self.target.space.unflatten(
+                torch.as_tensor(flat).to(dtype=dtype, device=runtime.device))
+            phi, q = self._features(params, train, runtime)
+            phi_q, _ = self._features(params, query, runtime)
             phi, phi_q = phi.to(torch.float64), phi_q.to(torch.float64)
             n = phi.shape[0]
-            kernel = phi.T @ phi / n + self.damping * torch.eye(phi.shape[1], dtype=phi.dtype)
+            kernel = phi.T @ phi / n + self.damping * torch.eye(phi.shape[1], dtype=phi.dtype,
+                                                                device=phi.device)
             total = total + phi_q @ torch.linalg.solve(kernel, phi.T)
             q_total = q_total + q.to(torch.float64)
         m = len(models)
         return (total / m) * (q_total / m)[None, :]
+

@@ -1,14 +1,48 @@
-"""Task: what the model's outputs mean — a per-example loss and a per-example measurement.
+"""Task: how the model is called on a batch, and what its outputs mean.
 
-A batch is a tuple ``(inputs, targets, ...)`` by default; override :meth:`Task.inputs` and
-:meth:`Task.targets` for other layouts (for example a dict of token tensors).
+A Task is the one place that knows the layout of a batch and the model's calling convention:
+
+- :meth:`Task.forward` receives ``call`` — the model bound to the parameters being
+  differentiated, taking positional and keyword arguments exactly like ``model(...)`` — and the
+  batch, and returns the output tensor the loss reads (``ModelOutput.logits`` for Hugging Face
+  models; see :func:`output_tensor`);
+- :meth:`Task.loss` / :meth:`Task.measurement` turn outputs and targets into one value per
+  example ``[B]``;
+- :meth:`Task.token_mask` says which tokens of a sequence are real (``[B, T]``, padding False);
+  K-FAC statistics and token-wise scores honour it, and every built-in loss ignores padding.
+
+The default layout is a tuple ``(inputs, targets, ...)`` and ``model(inputs)``; override
+:meth:`inputs` / :meth:`targets` / :meth:`forward` for anything else (dict batches, several
+inputs, keyword arguments). Built-in tasks for Hugging Face models: :mod:`.huggingface`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
+
+ModelCall = Callable[..., object]
+
+
+def output_tensor(output) -> torch.Tensor:
+    """The tensor a loss reads from a model's return value.
+
+    A tensor is returned as is; an object with ``.logits`` (a Hugging Face ``ModelOutput``) gives
+    its logits; a tuple or list gives its first element.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model returned {type(output).__name__}, which is neither a tensor, a tuple whose "
+        "first element is a tensor, nor an object with .logits; override Task.forward to say "
+        "which tensor the loss reads.")
 
 
 class Task(ABC):
@@ -18,13 +52,29 @@ class Task(ABC):
     ``score`` of a training example on f is ``g_qᵀ (C + λI)⁻¹ g_m`` with ``g_q = ∇θ f``.
     """
 
+    #: The curvature kind this task is meant for (``ik.Curvature(..., kind=None)`` uses it).
+    default_curvature = "ggn"
+
+    def forward(self, call: ModelCall, batch) -> torch.Tensor:
+        """Call the model on a batch and return the output tensor the loss reads.
+
+        ``call`` behaves like the model (``call(x)``, ``call(**inputs)``) with the parameters
+        being differentiated. Default: ``output_tensor(call(self.inputs(batch)))``.
+        """
+        return output_tensor(call(self.inputs(batch)))
+
     def inputs(self, batch):
-        """What the model is called on."""
+        """What the model is called on (default: ``batch[0]``)."""
         return batch[0]
 
     def targets(self, batch):
-        """What the loss compares the outputs with."""
+        """What the loss compares the outputs with (default: ``batch[1]``)."""
         return batch[1]
+
+    def token_mask(self, batch) -> torch.Tensor | None:
+        """``[B, T]`` bool, True for real tokens (False for padding); None when the examples
+        have no token dimension or no padding."""
+        return None
 
     @abstractmethod
     def loss(self, outputs: torch.Tensor, targets) -> torch.Tensor:
@@ -35,17 +85,41 @@ class Task(ABC):
         return self.loss(outputs, targets)
 
     def predictive_targets(self, outputs: torch.Tensor):
-        """Targets drawn from the model's own predictive distribution, for the true Fisher.
+        """Targets of the model's own predictive distribution, enumerated exactly.
 
         Returns ``(targets, probabilities)``: ``targets`` is a sequence of S target batches and
         ``probabilities`` a ``[S, B]`` tensor of their weights (each column sums to one), chosen
-        so that the weighted sum of gradient outer products is the exact Fisher. Tasks without
-        such an enumeration raise ``NotImplementedError``.
+        so that the weighted sum of gradient outer products is the exact Fisher. Tasks whose
+        distribution cannot be enumerated (a language model: V^T sequences) raise
+        ``NotImplementedError`` and implement :meth:`sample_targets` instead.
         """
         raise NotImplementedError(
-            f"{type(self).__name__} does not define predictive_targets(); the true Fisher needs "
-            "it. Use kind='ggn' or kind='empirical_fisher' instead."
-        )
+            f"{type(self).__name__} does not define predictive_targets(); the exact Fisher needs "
+            "it. Use kind='ggn' or kind='empirical_fisher', or a sampled Fisher.")
+
+    @property
+    def enumerates_targets(self) -> bool:
+        """Whether :meth:`predictive_targets` is implemented (the exact Fisher is available)."""
+        return type(self).predictive_targets is not Task.predictive_targets
+
+    @property
+    def samples_targets(self) -> bool:
+        """Whether targets can be drawn from the model (:meth:`sample_targets` or an
+        enumeration to draw from)."""
+        return (self.enumerates_targets
+                or type(self).sample_targets is not Task.sample_targets)
+
+    def sample_targets(self, outputs: torch.Tensor, targets, generator: torch.Generator):
+        """One batch of targets drawn from the model's predictive distribution (same layout as
+        ``targets``, which marks what is ignored, e.g. padding); for the sampled Fisher.
+
+        Default: a draw from :meth:`predictive_targets`.
+        """
+        choices, probs = self.predictive_targets(outputs.detach())
+        draw = torch.multinomial(probs.T.to(torch.float64).cpu(), 1, generator=generator)[:, 0]
+        stacked = torch.stack(list(choices))                                  # [S, B, ...]
+        rows = torch.arange(stacked.shape[1])
+        return stacked[draw.to(stacked.device), rows.to(stacked.device)]
 
     def describe_measurement(self) -> str:
         """A short human name of the measurement, used in reports."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .base import Task
 
-MEASUREMENTS = ("loss", "margin", "logit", "probability", "predicted_probability")
+MEASUREMENTS = ("loss", "margin", "log_odds", "logit", "probability", "predicted_probability")
 
 
 class ClassificationTask(Task):
@@ -18,6 +18,8 @@ class ClassificationTask(Task):
     - ``"loss"``: cross-entropy of the given label (``score > 0``: the training example helped
       lower it);
     - ``"margin"``: logit of the given label minus the largest other logit;
+    - ``"log_odds"``: log(p_y / (1 − p_y)) = logit of the label minus the logsumexp of the
+      others (TRAK's model output function; smooth where ``"margin"`` has kinks);
     - ``"logit"``: the logit of the given label;
     - ``"probability"``: softmax probability of the given label;
     - ``"predicted_probability"``: softmax probability of the class the model predicts.
@@ -41,6 +43,8 @@ class ClassificationTask(Task):
         if kind == "margin":
             others = outputs.scatter(1, targets[:, None], float("-inf"))
             return label_logit - others.max(dim=1).values
+        if kind == "log_odds":
+            return log_odds(outputs, targets)
         probs = outputs.softmax(dim=1)
         if kind == "probability":
             return probs.gather(1, targets[:, None])[:, 0]
@@ -56,3 +60,11 @@ class ClassificationTask(Task):
 
     def describe_measurement(self) -> str:
         return self.measurement_name.replace("_", " ")
+
+
+def log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B]`` log(p_y / (1 − p_y)) of the labelled class: its logit minus the logsumexp of the
+    other logits (``logits [B, K]``, integer ``labels [B]``)."""
+    label_logit = logits.gather(1, labels[:, None])[:, 0]
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return label_logit - others.logsumexp(dim=1)

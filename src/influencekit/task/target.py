@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import NoTrainableParametersError, TaskOutputShapeError
+from ..errors import InfluenceKitError, NoTrainableParametersError, TaskOutputShapeError
 from ..func.params import ParamSpace
+from ..grads.data import cast_batch
 from .base import Task
 
 ParamSelector = None | list[str] | Callable[[str, nn.Parameter], bool]
@@ -24,10 +25,12 @@ class Target:
     """What influence is computed for.
 
     Args:
-        model: any ``nn.Module``; called as ``model(task.inputs(batch))``.
+        model: any ``nn.Module``; the task calls it (``task.forward``: ``model(batch[0])`` by
+            default, keyword arguments and ``ModelOutput`` for Hugging Face tasks).
         task: per-example loss and measurement.
-        params: which parameters: ``None`` (all with ``requires_grad``), a list of names, or a
-            predicate ``(name, parameter) -> bool``.
+        params: which parameters: ``None`` (all with ``requires_grad``), a list of parameter or
+            module names (a module stands for all its parameters), or a predicate
+            ``(name, parameter) -> bool``.
         regularizer: optional R(θ) (a callable on the dict of selected parameters returning a
             scalar) added to the weighted-mean training loss ``Σ w_i ℓ_i / Σ w_i``.
 
@@ -51,11 +54,18 @@ class Target:
         elif callable(params):
             names = [n for n, p in named.items() if params(n, p)]
         else:
-            unknown = [n for n in params if n not in named]
-            if unknown:
-                raise ValueError(f"unknown parameter names {unknown}; the model has "
-                                 f"{list(named)[:10]}{' ...' if len(named) > 10 else ''}")
-            names = [n for n in named if n in set(params)]
+            if isinstance(params, str):
+                params = [params]
+            chosen = set()
+            for entry in params:
+                # a parameter name, or a module name standing for all its parameters
+                hits = [n for n in named if n == entry or n.startswith(entry + ".")]
+                if not hits:
+                    raise InfluenceKitError(
+                        f"{entry!r} is neither a parameter nor a module holding parameters; the "
+                        f"model has {list(named)[:10]}{' ...' if len(named) > 10 else ''}")
+                chosen.update(hits)
+            names = [n for n in named if n in chosen]
         if not names:
             raise NoTrainableParametersError(
                 "no parameter selected: the model has no parameter with requires_grad=True "
@@ -101,28 +111,47 @@ class Target:
         return h.hexdigest()
 
     # -- evaluation ---------------------------------------------------------------------------
-    def outputs(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
-        """Model outputs with the selected parameters replaced by ``params``."""
-        return self.outputs_from_inputs(params, self.task.inputs(batch))
+    def model_call(self, params: dict[str, torch.Tensor]):
+        """The model as a function of its inputs, with the selected parameters replaced by
+        ``params`` (and the others and the buffers cast to their dtype and device).
 
-    def outputs_from_inputs(self, params: dict[str, torch.Tensor], inputs) -> torch.Tensor:
-        """``model(inputs)`` with the selected parameters replaced by ``params``."""
+        ``call(*args, **kwargs)`` is ``model(*args, **kwargs)`` through
+        ``torch.func.functional_call``; the user's module is never edited.
+        """
         some = next(iter(params.values()))
         frozen = self._frozen(some.dtype, some.device)
-        inputs = _cast_floating(inputs, some.dtype, some.device)
-        return functional_call(self.model, (params, frozen), (inputs,))
+
+        def call(*args, **kwargs):
+            return functional_call(self.model, (params, frozen), args, kwargs)
+        return call
+
+    def outputs(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        """The output tensor the loss reads (``task.forward``), with the selected parameters
+        replaced by ``params``; floating inputs are cast to their dtype."""
+        some = next(iter(params.values()))
+        batch = cast_batch(batch, some.dtype, some.device)
+        return self.task.forward(self.model_call(params), batch)
 
     def losses(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
         """Per-example training losses ``[B]`` (without the regulariser)."""
         out = self.outputs(params, batch)
-        values = self.task.loss(out, self._targets(batch, out))
-        return self._check_shape(values, out, "loss")
+        return self.loss_from_outputs(out, batch)
 
     def measurements(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
         """Per-example measurements f ``[B]``."""
         out = self.outputs(params, batch)
-        values = self.task.measurement(out, self._targets(batch, out))
-        return self._check_shape(values, out, "measurement")
+        return self.measurement_from_outputs(out, batch)
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch, targets=None) -> torch.Tensor:
+        """``task.loss`` of outputs against the batch's targets (or ``targets``), checked to be
+        ``[B]``."""
+        targets = self.targets(batch, outputs) if targets is None else targets
+        return self.check_per_example(self.task.loss(outputs, targets), outputs, "loss")
+
+    def measurement_from_outputs(self, outputs: torch.Tensor, batch) -> torch.Tensor:
+        """``task.measurement`` of outputs against the batch's targets, checked to be ``[B]``."""
+        values = self.task.measurement(outputs, self.targets(batch, outputs))
+        return self.check_per_example(values, outputs, "measurement")
 
     def regularization(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """R(θ), a scalar (zero without a regulariser)."""
@@ -139,27 +168,21 @@ class Target:
             weight = weight + w.sum()
         return total / weight + self.regularization(params)
 
-    def _targets(self, batch, outputs):
-        return _cast_floating(self.task.targets(batch), outputs.dtype, outputs.device)
+    def targets(self, batch, outputs: torch.Tensor):
+        """The batch's targets, floating ones cast to the outputs' dtype and device."""
+        return cast_batch(self.task.targets(batch), outputs.dtype, outputs.device)
 
-    def _check_shape(self, values: torch.Tensor, outputs: torch.Tensor, what: str):
+    def token_mask(self, batch) -> torch.Tensor | None:
+        """``[B, T]`` bool mask of real tokens from the task (None: no token dimension)."""
+        return self.task.token_mask(batch)
+
+    def check_per_example(self, values: torch.Tensor, outputs: torch.Tensor, what: str):
+        """Raise :class:`TaskOutputShapeError` unless ``values`` has shape ``[B]``."""
         batch = outputs.shape[0] if outputs.dim() else 1
-        if values.shape != (batch,):
+        if not isinstance(values, torch.Tensor) or values.shape != (batch,):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values)
             raise TaskOutputShapeError(
-                f"{type(self.task).__name__}.{what} returned shape {tuple(values.shape)}; it must "
+                f"{type(self.task).__name__}.{what} returned shape {shape}; it must "
                 f"return one value per example, shape [B] = [{batch}]. Do not reduce over the "
                 "batch (use reduction='none') and sum over any other dimension.")
         return values
-
-
-def _cast_floating(value, dtype, device):
-    """Move tensors (also inside tuples/lists/dicts) to device; cast floating ones to dtype."""
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point():
-            return value.to(dtype=dtype, device=device)
-        return value.to(device=device)
-    if isinstance(value, dict):
-        return {k: _cast_floating(v, dtype, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast_floating(v, dtype, device) for v in value)
-    return value

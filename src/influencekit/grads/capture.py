@@ -1,0 +1,139 @@
+"""Layer hooks: one forward pass recording each layer's input, then output gradients per backward.
+
+:class:`LayerCapture` is a context manager that registers one forward hook per chosen module and
+removes every handle when the block ends, also when it ends with an exception. The forward hook
+keeps the module's input and registers a *tensor* hook on the module's output; that tensor hook
+receives ∂(backpropagated scalar)/∂output during backward. Tensor hooks live on the autograd
+graph, not on the module, and they see the gradient of the output as the module returned it even
+when a later in-place operation (``ReLU(inplace=True)``) modifies it. Nothing is replaced,
+wrapped or edited: the user's modules keep their identity and, after the block, their hook
+dictionaries are as before.
+
+Module hooks fire under ``torch.func.functional_call`` (the way the Target calls the model):
+``functional_call`` swaps parameters for the call and runs ``model(...)`` through the ordinary
+``Module.__call__``, so forward hooks run and the outputs belong to the graph of the parameters
+passed in. They do NOT run inside ``vmap``/``grad`` transforms.
+
+:class:`LayerPass` is the unit every layer-wise computation is built from (per-example
+gradients, K-FAC statistics, factored scores): ``outputs = lp.forward(params, batch)``, then any
+number of ``lp.backward(values)`` calls, each returning ``{layer: ∂(Σ values)/∂output}``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from .layers import Layer, check_single_use
+
+
+class LayerCapture:
+    """Context manager: record inputs and output gradients of chosen modules.
+
+    ``with LayerCapture({name: module}) as cap:`` registers one forward hook per module and
+    removes all of them on exit, whatever happens inside. After a forward pass
+    ``cap.inputs[name]`` is the module's (detached) first input; after each backward pass
+    ``cap.output_grads[name]`` is the gradient of the backpropagated scalar w.r.t. the module's
+    output. Call :meth:`reset` before each forward pass. A module called twice in one forward
+    pass (shared weights) raises :class:`~influencekit.errors.UnsupportedModuleError`.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> LayerCapture:
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(partial(self._forward, name)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._remove()
+        return False
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def reset(self) -> None:
+        self.inputs.clear()
+        self.output_grads.clear()
+
+    def _forward(self, name, module, args, output):
+        if name in self.inputs:
+            raise check_single_use(name)
+        self.inputs[name] = args[0].detach()
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(partial(self._backward, name))
+
+    def _backward(self, name, grad):
+        self.output_grads[name] = grad.detach()
+
+
+class LayerPass:
+    """One hooked forward pass of a Target and its backward passes (use inside ``with``).
+
+    ``params`` given to :meth:`forward` must be leaf tensors that require grad (see
+    :func:`live_params`); their gradients are never formed, only the layers' output gradients.
+    """
+
+    def __init__(self, target, layers: list[Layer]):
+        self.target = target
+        self.layers = layers
+        self.modules = {layer.name: target.model.get_submodule(layer.name) for layer in layers}
+        self._capture = LayerCapture(self.modules)
+        self._leaves: list[torch.Tensor] = []
+
+    def __enter__(self) -> LayerPass:
+        self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._capture.__exit__(*exc)
+
+    def forward(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        """The Target's outputs on ``batch`` with every layer's input recorded."""
+        self._capture.reset()
+        self._leaves = backward_leaves(self.layers, params)
+        return self.target.outputs(params, batch)
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """``{layer name: the module's input}`` of the last forward pass."""
+        return self._capture.inputs
+
+    def backward(self, values: torch.Tensor, retain_graph: bool = False
+                 ) -> dict[str, torch.Tensor | None]:
+        """``{layer name: ∂(Σ values)/∂output}`` (None for layers that do not reach values)."""
+        self._capture.output_grads.clear()
+        if values.requires_grad:
+            torch.autograd.grad(values.sum(), self._leaves, retain_graph=retain_graph,
+                                allow_unused=True)
+        grads = self._capture.output_grads
+        return {layer.name: grads.get(layer.name) for layer in self.layers}
+
+
+def backward_leaves(layers: list[Layer], params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """One leaf per layer whose gradient makes backward reach the layer's output cheaply.
+
+    Asking autograd for the bias (a sum) rather than the weight skips the aggregated
+    weight-gradient products (a full conv backward for a Conv2d); the output-gradient hooks
+    fire either way.
+    """
+    leaves = {id(params[n]): params[n] for layer in layers
+              for n in [layer.bias or layer.weight]}
+    return list(leaves.values())
+
+
+def live_params(target, dtype, device) -> dict[str, torch.Tensor]:
+    """Fresh leaf copies of the Target's parameters that require grad (never the user's tensors)."""
+    return {n: p.detach().clone().requires_grad_(True)
+            for n, p in target.params(dtype, device).items()}
