@@ -132,7 +132,7 @@ def test_sequence_classification_dict_batch_matches_model():
     torch.testing.assert_close(target.losses(target.params(), batch), expected.detach())
 
 
-# -- curvature ---------------------------------------------------------------------------------------
+# -- curvature ---------------------------------------------------------------------------
 def _enumerated_lm_fisher(target, batch):
     """Σ_t Σ_c p_tc g_t(c) g_t(c)ᵀ per sequence (the exact Fisher of a per-token cross-entropy:
     labels of different positions are independent given the teacher-forced logits), by autograd
