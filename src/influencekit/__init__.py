@@ -10,7 +10,19 @@ The one-screen view::
 Sign and scale of every score: ``influencekit.conventions``.
 """
 
-from . import conventions, correction, diagnostics, errors, evaluation
+from . import (
+    conventions,
+    correction,
+    data,
+    diagnostics,
+    errors,
+    evaluation,
+    grads,
+    report,
+    response,
+    storage,
+    testing,
+)
 from .curvature import Curvature
 from .inverse import (
                       CG,
@@ -45,6 +57,7 @@ __all__ = [
     # how to run
     "Runtime",
     # sub-packages
-    "conventions", "errors", "diagnostics", "correction", "evaluation",
+    "conventions", "errors", "diagnostics", "correction", "evaluation", "storage", "report",
+    "grads", "response", "data", "testing",
     "__version__",
 ]

@@ -6,7 +6,6 @@ import copy
 
 import numpy as np
 import torch
-from scipy import stats
 
 from ..curvature import Curvature
 from ..inverse.base import InverseCurvature
@@ -60,6 +59,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = _np(a), _np(b)
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
+    from scipy import stats  # imported when used: it costs seconds at import time
+
     return float(stats.spearmanr(a, b).statistic)
 
 
