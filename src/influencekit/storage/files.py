@@ -96,7 +96,8 @@ def write_json(path: Path, record: dict) -> dict:
                          "rename that entry.")
     body = json_roundtrip(record)
     stored = dict(body, **{CHECKSUM_KEY: sha256_bytes(canonical_json(body))})
-    atomic_write(path, (json.dumps(stored, indent=2, sort_keys=True) + "\n").encode())
+    # no trailing newline: cutting any byte off the file leaves invalid JSON
+    atomic_write(path, json.dumps(stored, indent=2, sort_keys=True).encode())
     return body
 
 

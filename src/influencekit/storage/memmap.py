@@ -94,6 +94,16 @@ class ResultsArray:
         array._verify()
         return array
 
+    @staticmethod
+    def rows_done(folder) -> int:
+        """How many rows of the store in ``folder`` are done (0 if there is no store yet),
+        without verifying them: for progress reports and monitors, never for results."""
+        folder = Path(folder)
+        if not safe_path(folder, META).exists():
+            return 0
+        array = ResultsArray(folder, _load_meta(folder), writable=False)
+        return int(array.done().sum())
+
     def close(self) -> None:
         """Close the file descriptors used for writing (reopened on the next write)."""
         for fd in self._fds.values():
@@ -278,8 +288,8 @@ class ResultsArray:
     def _corrupt_message(self, bad: list[int]) -> str:
         shown = ", ".join(str(r) for r in bad[:10]) + (" ..." if len(bad) > 10 else "")
         return (f"{len(bad)} done row(s) of {self._path(VALUES)} do not match their checksums "
-                f"in {CHECKSUMS} (rows {shown}): the files were modified, corrupted or mixed "
-                f"with another store's. Open it with ResultsArray.open(..., "
+                f"in {CHECKSUMS} (rows {shown}): {VALUES}, {CHECKSUMS} or {META} was modified, "
+                f"corrupted or comes from another store. Open it with ResultsArray.open(..., "
                 f"discard_corrupt=True) to compute those rows again, or {_DELETE}.")
 
     def _verify(self, discard_corrupt: bool = False) -> None:
@@ -300,7 +310,8 @@ class ResultsArray:
         for key in ("format", "shape", "dtype"):
             if self.meta[key] != expected[key]:
                 raise StoreError(
-                    f"the results store {self.folder} was made for another run: its {key} is "
+                    f"the results store {self.folder} was made for another run: its {META} "
+                    f"says {key} "
                     f"{self.meta[key]!r}, this run needs {expected[key]!r}. Use another folder, "
                     "or delete this one to discard its results.")
         stored, wanted = self.meta["config"], expected["config"]
@@ -310,9 +321,9 @@ class ResultsArray:
                              f"{_short(wanted.get(k))}"
                              for k in keys if stored.get(k) != wanted.get(k))
             raise StoreError(
-                f"the results store {self.folder} was made for another run: its config "
-                f"differs ({diff}). Use another folder, or delete this one to discard its "
-                "results.")
+                f"the results store {self.folder} was made for another run: the config in "
+                f"its {META} differs ({diff}). Use another folder, or delete this one to "
+                "discard its results.")
 
 
 def _short(value) -> str:

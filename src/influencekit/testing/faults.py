@@ -70,7 +70,7 @@ class Run:
     Attributes:
         returncode: the exit status (``-9`` when killed by SIGKILL).
         killed: the harness killed it while it was still running.
-        kill_after: seconds after the checkpoint at which the kill was due (None: no kill).
+        kill_after: seconds after the checkpoint at which the kill was sent (None: none).
         seconds: from the checkpoint to the end of the process (nan if it never got there).
         output: the end of its stdout and stderr together.
     """
@@ -143,52 +143,114 @@ class _Worker:
         except OSError:
             return ""
 
-    def finish(self, kill_after: float | None, timeout: float) -> Run:
-        """Wait for the end, killing the worker ``kill_after`` s after its checkpoint."""
-        killed = False
-        if self.started is not None and kill_after is not None:
-            remaining = self.started + kill_after - time.monotonic()
-            try:
-                self.proc.wait(timeout=max(remaining, 0.0))
-            except subprocess.TimeoutExpired:
-                self.kill()
-                killed = self.proc.returncode == -signal.SIGKILL  # not if it had just ended
+    def finish(self, kill_when, timeout: float) -> Run:
+        """Wait for the end; SIGKILL the worker as soon as ``kill_when(seconds since its
+        checkpoint)`` is true (a number ``t`` means ``seconds >= t``; None: never)."""
+        if isinstance(kill_when, (int, float)):
+            kill_when = _after(float(kill_when))
+        killed, sent = False, None
+        deadline = time.monotonic() + timeout
+        if self.started is not None and kill_when is not None:
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                elapsed = time.monotonic() - self.started
+                if kill_when(elapsed):
+                    sent = elapsed
+                    self.kill()
+                    killed = self.proc.returncode == -signal.SIGKILL  # not if it just ended
+                    break
+                time.sleep(_POLL)
         try:
-            self.proc.wait(timeout=timeout)
+            self.proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
             self.kill()
             raise TimeoutError(f"worker {self.proc.args} ran over {timeout} s:\n"
                                f"{self.output()}") from None
         seconds = (time.monotonic() - self.started) if self.started is not None else float("nan")
-        return Run(self.proc.returncode, killed, kill_after, seconds, self.output())
+        return Run(self.proc.returncode, killed, sent, seconds, self.output())
 
 
-def run_once(argv: Sequence[str], *, kill_after: float | None = None, env=None, cwd=None,
+def _after(seconds: float):
+    return lambda elapsed: elapsed >= seconds
+
+
+class KillAtProgress:
+    """A kill point inside the work: once ``progress()`` (e.g. the rows done in the store)
+    reaches ``target``, wait ``fraction`` of a unit of work more, then kill.
+
+    The unit of work is measured in the run itself (seconds per unit between the first unit
+    finished and ``target``), or is ``unit_seconds`` until two units are done. So the kill
+    lands at a random point of the unit after ``target``, whatever the speed of the machine.
+    """
+
+    def __init__(self, progress, target: int, fraction: float, unit_seconds: float):
+        self.progress = progress
+        self.target = target
+        self.fraction = fraction
+        self.unit_seconds = unit_seconds
+        self._start: int | None = None
+        self._first: tuple[float, int] | None = None  # (seconds, progress) at the first unit
+        self._due: float | None = None
+
+    def __call__(self, elapsed: float) -> bool:
+        done = self.progress()
+        if self._start is None:
+            self._start = done
+        if self._first is None and done > self._start:
+            self._first = (elapsed, done)
+        if self._due is None:
+            if done < self.target:
+                return False
+            unit = self.unit_seconds
+            if self._first is not None and done > self._first[1]:
+                unit = (elapsed - self._first[0]) / (done - self._first[1])
+            self._due = elapsed + self.fraction * unit
+        return elapsed >= self._due
+
+
+def run_once(argv: Sequence[str], *, kill_after=None, env=None, cwd=None,
              timeout: float = 300.0, launcher=None) -> Run:
-    """Run ``argv`` once; SIGKILL it ``kill_after`` seconds after its :func:`checkpoint`."""
+    """Run ``argv`` once; SIGKILL it ``kill_after`` seconds after its :func:`checkpoint` (or
+    when the predicate ``kill_after(seconds)`` first holds, e.g. a :class:`KillAtProgress`)."""
     with tempfile.TemporaryDirectory(prefix="ik-faults-") as tmp:
         worker = _Worker(argv, env, cwd, Path(tmp), "worker", None, launcher)
         worker.wait_ready(timeout)
         return worker.finish(kill_after, timeout)
 
 
-def kill_and_resume(argv: Sequence[str], *, kills: int, max_delay, seed: int,
+def kill_and_resume(argv: Sequence[str], *, kills: int, seed: int, max_delay=None,
+                    progress=None, total: int | None = None, unit_seconds: float = 0.1,
                     env=None, cwd=None, timeout: float = 300.0, after_each=None,
                     launcher=None) -> FaultReport:
-    """Run ``argv`` ``kills`` times, each SIGKILLed after a delay drawn uniformly from
-    ``[0, max_delay]`` s (``random.Random(seed)``), then once more to completion.
+    """Run ``argv`` ``kills`` times, each SIGKILLed at a random point, then once more to
+    completion (``random.Random(seed)`` draws the points).
 
-    ``after_each(run)`` (optional) is called after every run, e.g. to check that no row already
-    done was lost. Choose ``max_delay`` near the duration of the work left so that the kills
-    spread over it: a number, or a function called before each run (e.g. the time per row
-    times the rows still pending).
+    Kill points, one of:
+
+    - ``max_delay``: a delay drawn uniformly from ``[0, max_delay]`` s after the checkpoint (a
+      number, or a function called before each run);
+    - ``progress`` and ``total``: ``progress()`` counts the units of work done (e.g. rows in
+      the store, out of ``total``); each run is killed inside a unit drawn uniformly among those
+      left, at a uniform fraction of it (:class:`KillAtProgress`; ``unit_seconds`` is the
+      guess used before the run has finished a unit). Robust to the speed of the machine:
+      every kill lands in the work, and a run is never let through to the end.
+
+    ``after_each(run)`` (optional) is called after every run, e.g. a :class:`RowLedger` that
+    checks that no row already done was lost.
     """
+    if (max_delay is None) == (progress is None) or (progress is not None and total is None):
+        raise ValueError("pass either max_delay, or progress and total")
     rng = random.Random(seed)
     report = FaultReport()
     for _ in range(kills):
-        limit = max_delay() if callable(max_delay) else max_delay
-        report.runs.append(run_once(argv, kill_after=rng.uniform(0.0, limit), env=env,
-                                    cwd=cwd, timeout=timeout, launcher=launcher))
+        if progress is not None:
+            done = progress()
+            target = rng.randint(done, max(done, total - 1))
+            kill = KillAtProgress(progress, target, rng.random(), unit_seconds)
+        else:
+            limit = max_delay() if callable(max_delay) else max_delay
+            kill = rng.uniform(0.0, limit)
+        report.runs.append(run_once(argv, kill_after=kill, env=env, cwd=cwd, timeout=timeout,
+                                    launcher=launcher))
         if after_each is not None:
             after_each(report.runs[-1])
     report.runs.append(run_once(argv, env=env, cwd=cwd, timeout=timeout, launcher=launcher))
