@@ -11,6 +11,7 @@ Sign and scale of every score: ``influencekit.conventions``.
 """
 
 from . import (
+    cli,
     conventions,
     correction,
     data,
@@ -58,6 +59,6 @@ __all__ = [
     "Runtime",
     # sub-packages
     "conventions", "errors", "diagnostics", "correction", "evaluation", "storage", "report",
-    "grads", "response", "data", "testing",
+    "grads", "response", "data", "testing", "cli",
     "__version__",
 ]
