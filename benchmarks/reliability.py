@@ -22,6 +22,7 @@ wrong rows and the final array against an uninterrupted run, bit for bit.
 
     PYTHONPATH=src python benchmarks/reliability.py [--positions 40] [--json]
     PYTHONPATH=src python benchmarks/reliability.py --no-corruptions --faults 5 [--kills 10]
+        [--fresh 1]
 """
 
 from __future__ import annotations
@@ -203,8 +204,10 @@ def _ledger(store: Path, reference) -> faults.RowLedger:
     return faults.RowLedger(read, reference)
 
 
-def run_faults(seeds: int = 5, kills: int = 10, n_subsets: int = 24) -> list[dict]:
-    """Kill-and-resume per seed, and killed partitions; one row per scenario and seed."""
+def run_faults(seeds: int = 5, kills: int = 10, n_subsets: int = 24,
+               fresh: int = 0) -> list[dict]:
+    """Kill-and-resume per seed, and killed partitions; one row per scenario and seed.
+    ``fresh``: seeds of kill-and-resume where every run is a new interpreter (no zygote)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     rows = []
     with tempfile.TemporaryDirectory(prefix="ik-faults-") as tmp, \
@@ -212,17 +215,20 @@ def run_faults(seeds: int = 5, kills: int = 10, n_subsets: int = 24) -> list[dic
         tmp = Path(tmp)
         plain = faults.run_once(workers.command("subset_retraining", tmp / "uninterrupted",
                                                 "--subsets", n_subsets), launcher=zygote)
+        if plain.returncode != 0:
+            raise RuntimeError(f"the uninterrupted run failed:\n{plain.output}")
         reference = ik.storage.ResultsArray.read(tmp / "uninterrupted").values()
-        for seed in range(seeds):
+        for seed in range(seeds + fresh):
+            launcher = zygote if seed < seeds else None
             store = tmp / f"kill{seed}"
             ledger = _ledger(store, reference)
             report = faults.kill_and_resume(
                 workers.command("subset_retraining", store, "--subsets", n_subsets),
-                kills=kills, seed=seed, after_each=ledger, launcher=zygote,
+                kills=kills, seed=seed, after_each=ledger, launcher=launcher, env=env,
                 progress=lambda store=store: ik.storage.ResultsArray.rows_done(store),
                 total=n_subsets, unit_seconds=plain.seconds / n_subsets)
-            rows.append(_fault_row("kill and resume", seed, report.runs, ledger, store,
-                                   reference))
+            scenario = "kill and resume" + ("" if launcher else " (fresh interpreters)")
+            rows.append(_fault_row(scenario, seed, report.runs, ledger, store, reference))
         rng = np.random.default_rng(0)
         for seed in range(seeds):
             store = tmp / f"partitions{seed}"
@@ -281,12 +287,15 @@ def main():
     parser.add_argument("--positions", type=int, default=40, help="bit flips per file")
     parser.add_argument("--faults", type=int, default=0, help="seeds of fault injection")
     parser.add_argument("--kills", type=int, default=10, help="kills per seed")
+    parser.add_argument("--fresh", type=int, default=0,
+                        help="extra seeds whose runs are fresh interpreters (no zygote)")
     parser.add_argument("--no-corruptions", action="store_true")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     args = parser.parse_args()
     torch.set_num_threads(1)
     corruption_rows = [] if args.no_corruptions else run_corruptions(args.positions)
-    fault_rows = run_faults(args.faults, args.kills) if args.faults else []
+    fault_rows = (run_faults(args.faults, args.kills, fresh=args.fresh)
+                  if args.faults or args.fresh else [])
     if args.json:
         for row in corruption_rows + fault_rows:
             print(json.dumps(row))

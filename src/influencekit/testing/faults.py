@@ -231,8 +231,8 @@ def kill_and_resume(argv: Sequence[str], *, kills: int, seed: int, max_delay=Non
     - ``progress`` and ``total``: ``progress()`` counts the units of work done (e.g. rows in
       the store, out of ``total``); each run is killed inside a unit drawn uniformly among those
       left, at a uniform fraction of it (:class:`KillAtProgress`; ``unit_seconds`` is the
-      guess used before the run has finished a unit). Robust to the speed of the machine:
-      every kill lands in the work, and a run is never let through to the end.
+      guess used before the run has finished a unit, halved whenever a run ended before its
+      kill). Robust to the speed of the machine: the kills land in the work.
 
     ``after_each(run)`` (optional) is called after every run, e.g. a :class:`RowLedger` that
     checks that no row already done was lost.
@@ -251,6 +251,8 @@ def kill_and_resume(argv: Sequence[str], *, kills: int, seed: int, max_delay=Non
             kill = rng.uniform(0.0, limit)
         report.runs.append(run_once(argv, kill_after=kill, env=env, cwd=cwd, timeout=timeout,
                                     launcher=launcher))
+        if progress is not None and not report.runs[-1].killed:
+            unit_seconds /= 2  # the guess was too long: the run ended before its kill
         if after_each is not None:
             after_each(report.runs[-1])
     report.runs.append(run_once(argv, env=env, cwd=cwd, timeout=timeout, launcher=launcher))
