@@ -15,9 +15,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from influencekit.data.tweets import load_tweet_sentiment
+from influencekit.storage import atomic_write
 
 
 def available() -> bool:
@@ -74,7 +75,7 @@ def pooled_features(model, tokenizer, texts, *, max_length=64, batch_size=64,
             out.append(model.bert(**enc).pooler_output)
     features = torch.cat(out)
     if path is not None:
-        save_file({"features": features.contiguous()}, str(path))
+        atomic_write(path, save({"features": features.contiguous()}))
     return features
 
 

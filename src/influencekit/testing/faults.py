@@ -527,3 +527,5 @@ def _fork_worker(job: dict, out) -> int:
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "--zygote":
         _zygote_main(sys.argv[2:])
+        sys.stdout.flush()
+        os._exit(0)  # skip the interpreter's teardown of torch (seconds)
