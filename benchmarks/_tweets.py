@@ -15,8 +15,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 from influencekit.data.tweets import load_tweet_sentiment
+from influencekit.storage import atomic_write
 
 
 def available() -> bool:
@@ -63,9 +65,9 @@ def pooled_features(model, tokenizer, texts, *, max_length=64, batch_size=64,
     path = None
     if cache is not None:
         key = hashlib.sha256(("\x00".join(texts) + f"|{max_length}").encode()).hexdigest()[:16]
-        path = Path(tempfile.gettempdir()) / f"{cache}-{key}.pt"
+        path = Path(tempfile.gettempdir()) / f"{cache}-{key}.safetensors"
         if path.exists():
-            return torch.load(path)
+            return load_file(str(path))["features"]
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
@@ -73,7 +75,7 @@ def pooled_features(model, tokenizer, texts, *, max_length=64, batch_size=64,
             out.append(model.bert(**enc).pooler_output)
     features = torch.cat(out)
     if path is not None:
-        torch.save(features, path)
+        atomic_write(path, save({"features": features.contiguous()}))
     return features
 
 

@@ -176,18 +176,28 @@ def prepare_fashion(args, folder: Path) -> dict | None:
 
 
 def _save_task(folder, spec, model, train, query, note) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    spec = dict(spec, note=note, path=str(folder / "task.pt"))
-    torch.save({"state_dict": model.state_dict(), "train": train, "query": query}, spec["path"])
+    """Model weights and data as a safetensors store (no pickle): ``model.<name>``,
+    ``train.<i>``, ``query.<i>``."""
+    spec = dict(spec, note=note, path=str(folder / "task"))
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"train.{i}": t for i, t in enumerate(train)})
+    tensors.update({f"query.{i}": t for i, t in enumerate(query)})
+    ik.storage.save_tensors(spec["path"], tensors, {"kind": "benchmark task"})
     return spec
 
 
 def load_task(spec: dict):
-    saved = torch.load(spec["path"], weights_only=False)
+    tensors, _ = ik.storage.load_tensors(spec["path"])
     model = build_model(spec["model"], spec["model_kwargs"])
-    model.load_state_dict(saved["state_dict"])
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
+                           if k.startswith("model.")})
     model.eval()
-    return model, saved["train"], saved["query"]
+
+    def part(prefix):
+        count = sum(k.startswith(prefix + ".") for k in tensors)
+        return tuple(tensors[f"{prefix}.{i}"] for i in range(count))
+
+    return model, part("train"), part("query")
 
 
 # ---------------------------------------------------------------------------------------------

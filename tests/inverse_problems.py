@@ -40,20 +40,37 @@ def _linear(d_in, d_out, x, strength=0.0, params=None, seed=0):
     return target, (torch.as_tensor(x), y)
 
 
+def _least_squares_matrix(x: np.ndarray, k: int, strength: float) -> np.ndarray:
+    """A of Linear(d, k) + L2 ``strength`` on inputs ``x [n, d]``: blockdiag over the k outputs
+    of (2/n) X̃ᵀX̃, + strength I, in the flat order weight [k, d] row-major, then bias [k]."""
+    n, d = x.shape
+    gram = 2.0 / n * _design(x).T @ _design(x)          # [(w_0..w_{d-1}, b)]
+    p = k * (d + 1)
+    a = np.zeros((p, p))
+    for j in range(k):
+        idx = [j * d + i for i in range(d)] + [k * d + j]
+        a[np.ix_(idx, idx)] = gram
+    return a + strength * np.eye(p)
+
+
 def dense_problem() -> Problem:
     """Linear(4, 2), 12 examples, L2 0.3: A = blockdiag over outputs of (2/n) X̃ᵀX̃, + 0.3 I."""
     rng = np.random.default_rng(1)
     n, d, k, strength = 12, 4, 2, 0.3
     x = rng.normal(size=(n, d))
     target, data = _linear(d, k, x, strength)
-    gram = 2.0 / n * _design(x).T @ _design(x)          # [(w_0..w_3, b)]
-    p = k * (d + 1)
-    a = np.zeros((p, p))
-    for j in range(k):  # flat order: weight [k, d] row-major, then bias [k]
-        idx = [j * d + i for i in range(d)] + [k * d + j]
-        a[np.ix_(idx, idx)] = gram
-    a += strength * np.eye(p)
-    return Problem("dense", ik.Curvature(target, data, kind="hessian"), a)
+    return Problem("dense", ik.Curvature(target, data, kind="hessian"),
+                   _least_squares_matrix(x, k, strength))
+
+
+def random_problem(seed: int, n: int, d: int, k: int, strength: float,
+                   kind: str = "ggn") -> Problem:
+    """A random positive definite A: Linear(d, k) on ``n`` Gaussian inputs with L2 ``strength``
+    (property tests draw ``seed, n, d, k, strength``). With k = 1 the K-FAC family is exact."""
+    x = np.random.default_rng(seed).normal(size=(n, d))
+    target, data = _linear(d, k, x, strength, seed=seed)
+    return Problem(f"random(seed={seed}, n={n}, d={d}, k={k}, strength={strength:.3g})",
+                   ik.Curvature(target, data, kind=kind), _least_squares_matrix(x, k, strength))
 
 
 def diagonal_problem() -> Problem:

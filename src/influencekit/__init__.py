@@ -10,7 +10,20 @@ The one-screen view::
 Sign and scale of every score: ``influencekit.conventions``.
 """
 
-from . import conventions, correction, diagnostics, errors, evaluation, grads, response, storage
+from . import (
+    cli,
+    conventions,
+    correction,
+    data,
+    diagnostics,
+    errors,
+    evaluation,
+    grads,
+    report,
+    response,
+    storage,
+    testing,
+)
 from .curvature import Curvature
 from .inverse import (
                       CG,
@@ -54,7 +67,7 @@ __all__ = [
     # how to run
     "Runtime",
     # sub-packages
-    "conventions", "errors", "diagnostics", "correction", "evaluation", "grads", "response",
-    "storage",
+    "conventions", "errors", "diagnostics", "correction", "evaluation", "storage", "report",
+    "grads", "response", "data", "testing", "cli",
     "__version__",
 ]

@@ -24,6 +24,7 @@ from .divergence import (
 from .linearity import linearity_errors, linearity_finding
 from .report import Finding, TrustReport
 from .stability import damping_sensitivity, method_agreement, residual_finding, solver_residuals
+from .stationarity import Stationarity, objective_gradient, stationarity
 from .trajectory import checkpoint_agreement
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "TrainingSetup", "DivergenceCurve", "continue_training", "parameter_divergence",
     "divergence_finding",
     "linearity_errors", "linearity_finding",
+    "stationarity", "Stationarity", "objective_gradient",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 
 @dataclass
@@ -98,6 +97,8 @@ def auc(ranking_scores, positives) -> float:
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUC needs at least one positive and one negative example")
+    from scipy import stats  # imported when used: it costs seconds at import time
+
     ranks = stats.rankdata(s)  # average ranks for ties
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -128,6 +129,8 @@ def pearson(x, y) -> float:
 
 def spearman(x, y) -> float:
     """Spearman rank correlation of two vectors; nan when one is constant."""
+    from scipy import stats  # imported when used: it costs seconds at import time
+
     return pearson(stats.rankdata(as_numpy(x)), stats.rankdata(as_numpy(y)))
 
 

@@ -140,7 +140,7 @@ def leave_one_out_retrained(target: Target, train, indices, query, retrainer: Re
 
 
 def subset_retraining(target: Target, train, subsets, query, retrainer: Retrainer, *,
-                      init: torch.Tensor | None = None, seeds=(0,), store=None,
+                      init: torch.Tensor | None = None, seeds=(0,), store=None, rows=None,
                       runtime: Runtime | None = None) -> np.ndarray:
     """Retrain on each subset and measure the query set: ``[n_subsets, n_query]`` (float64).
 
@@ -148,9 +148,13 @@ def subset_retraining(target: Target, train, subsets, query, retrainer: Retraine
     query example, averaged over the models trained with ``seeds`` (all from ``init``).
     With ``store`` (a folder), each finished row is written to a resumable
     :class:`~influencekit.storage.ResultsArray`: a run interrupted part-way resumes at the first
-    row not done, and a folder made for other subsets/queries/retrainer raises ``StoreError``.
+    row not done, and a folder made for other subsets, query data, training data (values or
+    labels, see :func:`~influencekit.storage.data_fingerprint`), model, init or retrainer raises
+    ``StoreError``. ``rows`` (with ``store``): compute only these rows (e.g. one partition per
+    process; processes on disjoint rows may share one store); rows of the store not computed by
+    anyone yet hold zeros in the returned array.
     """
-    from ..storage.memmap import ResultsArray
+    from ..storage import ResultsArray, data_fingerprint
 
     runtime = resolve_runtime(runtime)
     masks = np.asarray(subsets, dtype=bool)
@@ -162,16 +166,23 @@ def subset_retraining(target: Target, train, subsets, query, retrainer: Retraine
     seeds = [int(s) for s in seeds]
     shape = (masks.shape[0], n_query)
     if store is None:
+        if rows is not None:
+            raise ValueError("rows= selects the rows of a shared store; pass store= as well")
         results, rows = np.zeros(shape), range(masks.shape[0])
         array = None
     else:
         config = {"kind": "subset_retraining", "subsets_sha256": _sha(masks.tobytes()),
                   "seeds": seeds, "retrainer": repr(retrainer),
                   "fingerprint": target.fingerprint(),
+                  "training_data": data_fingerprint(train), "query_data": data_fingerprint(query),
                   "init_sha256": None if init is None else _sha(
                       torch.as_tensor(init).to(torch.float64).cpu().numpy().tobytes())}
         array = ResultsArray.open(store, shape, "float64", config)
-        rows = array.pending()
+        outside = [int(r) for r in (rows or ()) if not 0 <= int(r) < masks.shape[0]]
+        if outside:
+            raise ValueError(f"rows {outside[:5]} are outside the {masks.shape[0]} subsets")
+        pending = set(array.pending())
+        rows = sorted(pending if rows is None else pending & {int(r) for r in rows})
     for row in runtime.bar(list(rows), desc="subset retraining"):
         keep = np.flatnonzero(masks[row])
         values = [measure(target, retrainer.retrain(target, train, keep, seed=s, init=init,

@@ -1,6 +1,13 @@
-"""Files: safetensors + JSON manifest."""
+"""Files: safetensors + checksummed JSON manifests, resumable result arrays, data fingerprints.
 
+Every stored file is checksummed and verified on load; every refusal is a
+:class:`~influencekit.errors.StoreError` naming the file, the problem and the fix.
+"""
+
+from .files import atomic_write, safe_path
+from .fingerprint import data_fingerprint
 from .memmap import ResultsArray
 from .store import load_inverse, load_tensors, save_inverse, save_tensors
 
-__all__ = ["save_tensors", "load_tensors", "save_inverse", "load_inverse", "ResultsArray"]
+__all__ = ["save_tensors", "load_tensors", "save_inverse", "load_inverse", "ResultsArray",
+           "data_fingerprint", "safe_path", "atomic_write"]

@@ -1,4 +1,9 @@
-"""Reference problems with closed-form answers."""
+"""Reference problems with closed-form answers.
+
+Also (import them explicitly): :mod:`influencekit.testing.faults`, a fault-injection harness
+(SIGKILL at random points, concurrent writers, a ledger of rows lost), and
+:mod:`influencekit.testing.workers`, the resumable workers it runs.
+"""
 
 from .reference import (
                         THESIS_LOSS_INFLUENCE,

@@ -1,0 +1,315 @@
+"""Reliability campaign (issue 13): corrupt every stored file, kill every writer.
+
+Corruptions: real stores are made through the public API (an inverse store for Exact and one for
+EKFAC on a small MLP, a subset-retraining results store), then every stored file of each is
+corrupted in turn (truncate to 0, half and all-but-one bytes; flip one bit at ``--positions``
+places spread evenly over the file; append one zero byte and 64 random bytes; delete; swap with
+the same file of a twin store of the same kind) and loaded again the way a user would
+(``ik.storage.load_inverse`` with the model, ``ik.response.subset_retraining`` with the same
+arguments, ``ik.storage.ResultsArray.read``). Each load is counted as:
+
+- refused: an ``InfluenceKitError`` (``named``: its message names the corrupted file);
+- same: it loaded, with the same content (config, fit info and ``solve`` of fixed gradients;
+  the results array and its done-mask), e.g. a bit flip that turns ``1e-3`` into ``1E-3``;
+- silent: it loaded with DIFFERENT content (goal: 0);
+- other: any other exception (goal: 0).
+
+Faults (``--faults SEEDS``): the subset-retraining worker
+(``python -m influencekit.testing.workers``) is SIGKILLed at random points ``--kills`` times per
+seed and resumed, and two workers write the even and odd rows of one store at once (one of
+them killed at a random point, then both resumed); every run is checked for lost, changed or
+wrong rows and the final array against an uninterrupted run, bit for bit.
+
+    PYTHONPATH=src python benchmarks/reliability.py [--positions 40] [--json]
+    PYTHONPATH=src python benchmarks/reliability.py --no-corruptions --faults 5 [--kills 10]
+        [--fresh 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import influencekit as ik
+from influencekit.errors import InfluenceKitError
+from influencekit.testing import faults, workers
+
+KINDS = ("truncate", "bitflip", "append", "delete", "swap")
+
+
+@dataclass
+class StoreCase:
+    """A pristine store, a twin of the same kind (for swaps), and how a user loads it."""
+
+    name: str
+    folder: Path
+    twin: Path
+    files: tuple[str, ...]
+    load: Callable[[Path], object]
+    same: Callable[[object, object], bool]
+
+
+# -- the stores -----------------------------------------------------------------------------------
+def _mlp_problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return ik.Target(model, ik.ClassificationTask()), (x, y)
+
+
+def _inverse_case(root: Path, method, target, train) -> StoreCase:
+    name = method.__name__
+    curvature = ik.Curvature(target, train, kind="ggn")
+    ik.storage.save_inverse(root / name, method(damping=1e-3).fit(curvature))
+    # the twin differs only by damping: its fitted tensors are the same numbers
+    ik.storage.save_inverse(root / f"{name}-twin", method(damping=3e-3).fit(curvature))
+    grads = torch.randn(3, target.num_params, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1))
+
+    def load(folder):
+        inverse = ik.storage.load_inverse(folder, target)
+        return inverse.get_config(), inverse.fit_info_, inverse.solve(grads)
+
+    def same(a, b):
+        return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+    return StoreCase(f"inverse {name}", root / name, root / f"{name}-twin",
+                     ("manifest.json", "tensors.safetensors"), load, same)
+
+
+def _results_cases(root: Path) -> list[StoreCase]:
+    target, train, query, masks, retrainer = workers.subset_problem(6)
+    twin_masks = np.random.default_rng(1).random(masks.shape) < 0.5
+    for folder, m in ((root / "subsets", masks), (root / "subsets-twin", twin_masks)):
+        ik.response.subset_retraining(target, train, m, query, retrainer, store=folder)
+
+    def resume(folder):
+        return ik.response.subset_retraining(target, train, masks, query, retrainer,
+                                             store=folder)
+
+    def read(folder):
+        array = ik.storage.ResultsArray.read(folder)
+        return array.done(), array.values()
+
+    files = ("meta.json", "values.npy", "checksums.npy")
+    return [
+        StoreCase("subset_retraining (resume)", root / "subsets", root / "subsets-twin", files,
+                  resume, lambda a, b: a.tobytes() == b.tobytes()),
+        StoreCase("ResultsArray.read", root / "subsets", root / "subsets-twin", files, read,
+                  lambda a, b: np.array_equal(a[0], b[0]) and a[1].tobytes() == b[1].tobytes()),
+    ]
+
+
+def build_cases(root: Path) -> list[StoreCase]:
+    target, train = _mlp_problem()
+    return [_inverse_case(root, ik.Exact, target, train),
+            _inverse_case(root, ik.EKFAC, target, train), *_results_cases(root)]
+
+
+# -- the corruptions ------------------------------------------------------------------------------
+def corruptions(size: int, positions: int, rng: np.random.Generator):
+    """``(kind, label, change)`` where ``change(path, twin_path)`` corrupts the file in place."""
+    def truncate(length):
+        return lambda path, twin: path.write_bytes(path.read_bytes()[:length])
+
+    def flip(bit):
+        def change(path, twin):
+            data = bytearray(path.read_bytes())
+            data[bit // 8] ^= 1 << (bit % 8)
+            path.write_bytes(bytes(data))
+        return change
+
+    def append(extra):
+        return lambda path, twin: path.write_bytes(path.read_bytes() + extra)
+
+    for length in sorted({0, size // 2, size - 1}):
+        yield "truncate", f"to {length} bytes", truncate(length)
+    for bit in np.unique(np.linspace(0, size * 8 - 1, positions).astype(np.int64)):
+        yield "bitflip", f"bit {int(bit)}", flip(int(bit))
+    yield "append", "1 zero byte", append(b"\x00")
+    yield "append", "64 random bytes", append(rng.integers(0, 256, 64, dtype=np.uint8).tobytes())
+    yield "delete", "deleted", lambda path, twin: path.unlink()
+    yield "swap", "twin's file", lambda path, twin: shutil.copyfile(twin, path)
+
+
+def _outcome(case: StoreCase, folder: Path, reference, file: str) -> tuple[str, str]:
+    try:
+        content = case.load(folder)
+    except InfluenceKitError as exc:
+        return ("refused" if file in str(exc) else "refused, file not named"), str(exc)
+    except Exception as exc:  # counted, never hidden: the goal is none of these
+        return "other", f"{type(exc).__name__}: {exc}"
+    return ("same" if case.same(content, reference) else "silent"), ""
+
+
+def run_corruptions(positions: int = 40, root: Path | None = None) -> list[dict]:
+    """One row per (store, file, kind) with the counts of the module docstring."""
+    own = root is None
+    root = Path(tempfile.mkdtemp(prefix="ik-reliability-")) if own else Path(root)
+    try:
+        cases = build_cases(root / "stores")
+        rng = np.random.default_rng(0)
+        rows = []
+        for case in cases:
+            reference = case.load(case.folder)
+            for file in case.files:
+                size = (case.folder / file).stat().st_size
+                counts: dict[tuple, dict] = {}
+                for kind, label, change in corruptions(size, positions, rng):
+                    scratch = root / "scratch"
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    shutil.copytree(case.folder, scratch)
+                    change(scratch / file, case.twin / file)
+                    outcome, message = _outcome(case, scratch, reference, file)
+                    row = counts.setdefault(kind, {
+                        "store": case.name, "file": file, "kind": kind, "trials": 0,
+                        "refused": 0, "named": 0, "same": 0, "silent": 0, "other": 0,
+                        "examples": []})
+                    row["trials"] += 1
+                    if outcome.startswith("refused"):
+                        row["refused"] += 1
+                        row["named"] += outcome == "refused"
+                    else:
+                        row[outcome] += 1
+                    if outcome in ("silent", "other", "refused, file not named") \
+                            and len(row["examples"]) < 3:
+                        row["examples"].append(f"{label}: {outcome} {message[:160]}")
+                rows.extend(counts.values())
+        return rows
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# -- the faults -----------------------------------------------------------------------------------
+def _ledger(store: Path, reference) -> faults.RowLedger:
+    def read():
+        if not (store / "meta.json").exists():
+            return None
+        array = ik.storage.ResultsArray.read(store)
+        return array.done(), array.values()
+    return faults.RowLedger(read, reference)
+
+
+def run_faults(seeds: int = 5, kills: int = 10, n_subsets: int = 24,
+               fresh: int = 0) -> list[dict]:
+    """Kill-and-resume per seed, and killed partitions; one row per scenario and seed.
+    ``fresh``: seeds of kill-and-resume where every run is a new interpreter (no zygote)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ik-faults-") as tmp, \
+            faults.Zygote(env=env) as zygote:
+        tmp = Path(tmp)
+        plain = faults.run_once(workers.command("subset_retraining", tmp / "uninterrupted",
+                                                "--subsets", n_subsets), launcher=zygote)
+        if plain.returncode != 0:
+            raise RuntimeError(f"the uninterrupted run failed:\n{plain.output}")
+        reference = ik.storage.ResultsArray.read(tmp / "uninterrupted").values()
+        for seed in range(seeds + fresh):
+            launcher = zygote if seed < seeds else None
+            store = tmp / f"kill{seed}"
+            ledger = _ledger(store, reference)
+            report = faults.kill_and_resume(
+                workers.command("subset_retraining", store, "--subsets", n_subsets),
+                kills=kills, seed=seed, after_each=ledger, launcher=launcher, env=env,
+                progress=lambda store=store: ik.storage.ResultsArray.rows_done(store),
+                total=n_subsets, unit_seconds=plain.seconds / n_subsets)
+            scenario = "kill and resume" + ("" if launcher else " (fresh interpreters)")
+            rows.append(_fault_row(scenario, seed, report.runs, ledger, store, reference))
+        rng = np.random.default_rng(0)
+        for seed in range(seeds):
+            store = tmp / f"partitions{seed}"
+            ledger = _ledger(store, reference)
+            argvs = [workers.command("subset_retraining", store, "--rows", which,
+                                     "--subsets", n_subsets) for which in ("even", "odd")]
+            runs = faults.run_concurrently(
+                argvs, kill_after=[float(rng.uniform(0, plain.seconds / 2)), None],
+                launcher=zygote)
+            ledger()
+            runs += faults.run_concurrently(argvs, launcher=zygote)
+            ledger()
+            rows.append(_fault_row("two partitions at once, one killed", seed, runs, ledger,
+                                   store, reference))
+    return rows
+
+
+def _fault_row(scenario, seed, runs, ledger, store, reference) -> dict:
+    try:
+        final = ik.storage.ResultsArray.read(store)
+        identical = final.complete and final.values().tobytes() == reference.tobytes()
+    except InfluenceKitError:
+        identical = False
+    return {"scenario": scenario, "seed": seed, "runs": len(runs),
+            "kills": sum(r.killed for r in runs),
+            "crashed": sum(r.returncode not in (0, -9) for r in runs),
+            "rows_lost": len(ledger.lost), "rows_wrong": len(ledger.wrong),
+            "unreadable_after_a_run": len(ledger.unreadable), "final_identical": identical}
+
+
+# -- report ---------------------------------------------------------------------------------------
+def corruption_table(rows: list[dict]) -> str:
+    head = "| store | file | kind | trials | refused | names file | same | silent | other |"
+    lines = [head, "|" + " --- |" * 9]
+    for r in rows:
+        lines.append(f"| {r['store']} | {r['file']} | {r['kind']} | {r['trials']} | "
+                     f"{r['refused']} | {r['named']} | {r['same']} | {r['silent']} | "
+                     f"{r['other']} |")
+    total = {k: sum(r[k] for r in rows) for k in ("trials", "refused", "named", "same",
+                                                     "silent", "other")}
+    lines.append(f"| **all** | | | {total['trials']} | {total['refused']} | {total['named']} | "
+                 f"{total['same']} | {total['silent']} | {total['other']} |")
+    return "\n".join(lines)
+
+
+def fault_table(rows: list[dict]) -> str:
+    keys = ("scenario", "seed", "runs", "kills", "crashed", "rows_lost", "rows_wrong",
+            "unreadable_after_a_run", "final_identical")
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--positions", type=int, default=40, help="bit flips per file")
+    parser.add_argument("--faults", type=int, default=0, help="seeds of fault injection")
+    parser.add_argument("--kills", type=int, default=10, help="kills per seed")
+    parser.add_argument("--fresh", type=int, default=0,
+                        help="extra seeds whose runs are fresh interpreters (no zygote)")
+    parser.add_argument("--no-corruptions", action="store_true")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    corruption_rows = [] if args.no_corruptions else run_corruptions(args.positions)
+    fault_rows = (run_faults(args.faults, args.kills, fresh=args.fresh)
+                  if args.faults or args.fresh else [])
+    if args.json:
+        for row in corruption_rows + fault_rows:
+            print(json.dumps(row))
+        return
+    if corruption_rows:
+        print(corruption_table(corruption_rows))
+        for r in corruption_rows:
+            for example in r["examples"]:
+                print(f"  {r['store']} / {r['file']} / {r['kind']}: {example}",
+                      file=sys.stderr)
+    if fault_rows:
+        print()
+        print(fault_table(fault_rows))
+
+
+if __name__ == "__main__":
+    main()
