@@ -41,7 +41,7 @@ def _lissa(lam, a):
     lam = max(lam, (high - 4 * low) / 3)
     scale = 1.05 * (high + lam)
     depth = math.ceil(14 * scale / (low + lam))  # error ~ exp(-14) of the series
-    return ik.LiSSA(damping=lam, scale=scale, depth=depth), 1e-5
+    return ik.LiSSA(damping=lam, scale=scale, n_iter=depth), 1e-5
 
 
 SOLVERS = {  # name -> (factory(damping, A) -> (unfitted inverse, rtol in float64), outputs k)
@@ -85,7 +85,7 @@ def _check_solver(name, seed, d, extra, k, strength, damping, dtype):
     a = problem.matrix
     inverse, rtol = factory(damping, a)
     inverse.fit(problem.curvature)
-    damping = getattr(inverse, "damping", damping)  # LiSSA may raise it; BlockDiagonal has none
+    damping = inverse.damping_  # the λ used (LiSSA's factory may raise it)
     p = len(a)
     x = torch.randn(3, p, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     g = x @ torch.as_tensor(a + damping * np.eye(p)).T  # (A + λI) x = g, x known
