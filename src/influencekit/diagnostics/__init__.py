@@ -4,7 +4,7 @@
 :class:`TrustReport`; each figure is also available as a small function.
 """
 
-from .check import ALL, check
+from .check import ALL, check, estimate_check_seconds
 from .convexity import (
                         Spectrum,
                         convexity_findings,
@@ -27,7 +27,7 @@ from .stability import damping_sensitivity, method_agreement, residual_finding, 
 from .trajectory import checkpoint_agreement
 
 __all__ = [
-    "check", "ALL", "TrustReport", "Finding",
+    "check", "estimate_check_seconds", "ALL", "TrustReport", "Finding",
     "Spectrum", "hessian_spectrum", "hessian_ggn_gap", "convexity_findings",
     "eigenvalue_finding", "negative_mass_finding", "gap_finding",
     "solver_residuals", "residual_finding", "method_agreement", "damping_sensitivity",
