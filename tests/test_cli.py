@@ -246,7 +246,7 @@ def test_quiet_prints_nothing_and_progress_logs_a_line_per_stage(digits_run, cap
     assert main(["report", str(store), "--out", str(store / "quiet"), "--quiet"]) == 0
     assert capsys.readouterr().out == ""
     timings = {}
-    with caplog.at_level(logging.INFO, logger="influencekit"):
+    with caplog.at_level(logging.DEBUG, logger="influencekit"):
         runtime = ik.Runtime(progress=None)  # stderr is not a terminal under pytest
         with ik.runtime.stage("counting", timings):
             assert sum(runtime.bar(range(4), desc="summing", unit="item")) == 6
@@ -255,3 +255,19 @@ def test_quiet_prints_nothing_and_progress_logs_a_line_per_stage(digits_run, cap
     assert any(line.startswith("counting done in ") for line in lines)
     assert timings["counting"] >= 0
 
+
+
+def test_shipped_configs_resolve_and_the_docs_list_every_key():
+    from pathlib import Path
+
+    from influencekit.cli.config import SCHEMA, Key, shipped_configs
+
+    assert {"digits", "breast_cancer"} <= set(shipped_configs())
+    for name in shipped_configs():
+        config = resolve_config(load_config(name))
+        assert config["model"]["factory"].startswith("influencekit.examples.")
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    for section, spec in SCHEMA.items():
+        keys = [section] if isinstance(spec, Key) else [f"{section}.{k}" for k in spec]
+        for key in keys:
+            assert f"`{key}`" in doc, key

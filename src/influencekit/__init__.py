@@ -10,7 +10,7 @@ The one-screen view::
 Sign and scale of every score: ``influencekit.conventions``.
 """
 
-from . import conventions, correction, diagnostics, errors, evaluation
+from . import conventions, correction, diagnostics, errors, evaluation, report
 from .curvature import Curvature
 from .inverse import (
                       CG,
@@ -45,6 +45,6 @@ __all__ = [
     # how to run
     "Runtime",
     # sub-packages
-    "conventions", "errors", "diagnostics", "correction", "evaluation",
+    "conventions", "errors", "diagnostics", "correction", "evaluation", "report",
     "__version__",
 ]

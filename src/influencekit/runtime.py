@@ -4,9 +4,10 @@ Maths settings (damping, rank, iterations, curvature kind) live on the algorithm
 the Runtime may change results only within dtype tolerance.
 
 Progress: long loops show a tqdm bar (``tqdm.auto``: a widget in notebooks) when stderr is a
-terminal or the code runs in a notebook. Elsewhere (CI, ``| tee``) each finished loop and each
-:func:`stage` logs one line with its duration on the ``influencekit`` logger (level INFO), so a
-log shows where the time went; configure ``logging`` to see them (the CLI does).
+terminal or the code runs in a notebook. Elsewhere (CI, ``| tee``) each :func:`stage` and each
+loop that took a second or more logs one line with its duration on the ``influencekit`` logger
+(level INFO; shorter loops at DEBUG), so a log shows where the time went; configure ``logging``
+to see them (the CLI does).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Runtime:
         """A tqdm progress bar that honours ``progress``.
 
         With ``progress=None`` and no terminal or notebook, no bar is drawn; iterating logs one
-        INFO line when the loop ends (``"<desc>: <count> <unit> in <seconds> s"``)."""
+        line when the loop ends (``"<desc>: <count> <unit> in <seconds> s"``; INFO from one
+        second up, DEBUG below)."""
         bar = tqdm(iterable, total=total, desc=desc, unit=unit, disable=not self.show_progress,
                    leave=False, dynamic_ncols=True)
         if self.progress is None and not self.show_progress and iterable is not None and desc:
@@ -78,13 +80,20 @@ def interactive() -> bool:
     return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
 
 
+LOG_LOOPS_FROM_SECONDS = 1.0
+
+
 def _logged(iterable, desc: str, unit: str):
-    """Yield from ``iterable``; log its length and duration when it is exhausted."""
+    """Yield from ``iterable``; log its length and duration when it is exhausted (INFO when it
+    took at least ``LOG_LOOPS_FROM_SECONDS``, DEBUG otherwise: short inner loops, e.g. one per
+    Newton step, would drown the stages)."""
     start, count = time.perf_counter(), 0
     for item in iterable:
         count += 1
         yield item
-    log.info("%s: %d %s in %.2f s", desc, count, unit, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    level = logging.INFO if seconds >= LOG_LOOPS_FROM_SECONDS else logging.DEBUG
+    log.log(level, "%s: %d %s in %.2f s", desc, count, unit, seconds)
 
 
 @contextmanager

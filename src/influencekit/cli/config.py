@@ -52,7 +52,8 @@ class Key:
             return ", ".join(repr(c) for c in self.choices)
         name = _type_name(self.type)
         if self.item is not None:
-            name += f" of {_type_name(self.item)}"
+            name += " of " + {str: "strings", int: "integers", float: "numbers"}.get(
+                self.item, _type_name(self.item))
         return f"{name} ({self.help})"
 
 
@@ -81,7 +82,7 @@ SCHEMA: dict[str, Any] = {
         "params": Key(list, [], "parameter names to take influence over; [] = all trainable",
                       item=str),
         "modules": Key(list, [], "module names whose parameters are taken; [] = all", item=str),
-        "l2": Key(float, 0.0, "strength of the L2 regulariser R = (l2/2)||θ||² of the training "
+        "l2": Key(float, 0.0, "strength of the L2 regulariser R = (l2/2)‖θ‖² of the training "
                   "objective (must match how the model was trained)"),
     },
     "curvature": {"kind": Key(str, "ggn", "curvature of the mean training loss",
@@ -107,7 +108,7 @@ SCHEMA: dict[str, Any] = {
     "eval": {
         "queries": Key(int, 0, "how many queries the ground truth is computed for; 0 = all"),
         "loo": Key(int, 0, "leave-one-out re-optimisation of this many training examples "
-                   "(largest |score|)"),
+                   "(largest absolute scores)"),
         "loo_warm_start": Key(bool, True, "start leave-one-out from the trained parameters"),
         "lds_subsets": Key(int, 0, "retrain on this many random subsets for the LDS; 0 skips"),
         "lds_alpha": Key(float, 0.5, "fraction of the training data in each LDS subset"),

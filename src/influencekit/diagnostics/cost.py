@@ -5,8 +5,9 @@ Two unit costs are measured on the user's model and data (each a fraction of a s
 and ``gradients`` (one pass of per-example training gradients). A dense p x p curvature is
 taken to cost about p objective passes (measured within a factor of ~2 on MLPs with p from 460
 to 2,410), one Newton step of a re-optimisation one dense Hessian, one L-BFGS iteration one
-objective pass, and one step of continued training three (forward, backward, update). The estimates are rough (a factor of a few): they say whether a check takes
-seconds, minutes or hours, not the second it ends.
+objective pass, and one step of continued training three (forward, backward, update). The
+estimates are rough (a factor of a few): they say whether a check takes seconds, minutes or
+hours, not the second it ends.
 """
 
 from __future__ import annotations

@@ -107,9 +107,9 @@ def render_report(store: str | Path, out: str | Path | None = None, *, top: int 
     sections = [
         ("summary", "Summary", _summary(page)),
         ("queries", "Queries", _query_index(page)),
+        ("examples", "Each query's top examples", _query_sections(page)),
         ("recurring", "Training examples that recur", _recurring(page)),
         ("trust", "How far to trust these scores", _trust(page)),
-        ("examples", "Each query's top examples", _query_sections(page)),
         ("evaluation", "Checked against retraining", _evaluation(page)),
         ("figures", "More figures", _figures(page)),
         ("settings", "Settings, timings and versions", _settings(page)),
@@ -161,7 +161,7 @@ def _query_index(page: _Page) -> str:
         h, hs = int(s["helpful_index"][q, 0]), float(s["helpful_score"][q, 0])
         b, bs = int(s["harmful_index"][q, 0]), float(s["harmful_score"][q, 0])
         link = (f"<a href='#q{q}'>{esc(name)}</a>" if q < page.max_queries else esc(name))
-        cells = [f"<td data-v='{q}'>{q}</td>", f"<td>{link}</td>"]
+        cells = [f"<td data-v='{q}'>{q}</td>", f"<td>{_query_thumbnail(page, q)}{link}</td>"]
         if has_labels:
             label, predicted = page.query_label(q)
             cells += [f"<td>{esc(label)}</td>", f"<td>{esc(predicted)}</td>"]
@@ -195,22 +195,28 @@ def _recurring(page: _Page) -> str:
         return (f"<p>No training example is among the top {page.top} helpful or harmful of "
                 "two or more queries.</p>")
     rows = []
-    for m in recurring[:30]:
-        def names(qs):
-            return ", ".join(f"<a href='#q{q}'>{esc(page.query_ids[q])}</a>"
-                             if q < page.max_queries else esc(page.query_ids[q]) for q in qs)
+    shown = 15
+
+    def names(qs):
+        if not qs:
+            return ""
+        links = ", ".join(f"<a href='#q{q}'>{esc(page.query_ids[q])}</a>"
+                          if q < page.max_queries else esc(page.query_ids[q]) for q in qs)
+        return f"<b>{len(qs)}</b>: {links}"
+
+    for m in recurring[:shown]:
         label = page.train_label(m)
         rows.append(
-            f"<tr><td>{_thumbnail(page, m)}</td><td>{esc(page.train_ids[m])}</td>"
+            f"<tr><td>{_thumbnail(page, m)}{esc(page.train_ids[m])}</td>"
             f"<td>{esc(label) if label is not None else ''}</td>"
-            f"<td>{len(helpful[m])}</td><td>{names(helpful[m])}</td>"
-            f"<td>{len(harmful[m])}</td><td>{names(harmful[m])}</td></tr>")
+            f"<td>{names(helpful[m])}</td><td>{names(harmful[m])}</td></tr>")
+    more = (f"<p class='note'>{len(recurring) - shown} more recur.</p>"
+            if len(recurring) > shown else "")
     return (f"<p>Training examples among the top {page.top} helpful or harmful of at least two "
             "queries, most frequent first: candidates to inspect (mislabelled, atypical or "
             "simply central to these predictions).</p><table class='recurring'><thead><tr>"
-            "<th></th><th>training example</th><th>label</th><th>helpful for</th><th>queries"
-            "</th><th>harmful for</th><th>queries</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+            "<th>training example</th><th>label</th><th>helpful for</th><th>harmful for</th>"
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table>{more}")
 
 
 # -- trust ------------------------------------------------------------------------------------
@@ -247,6 +253,9 @@ def _query_section(page: _Page, q: int) -> str:
             _train_card(page, q, int(m), float(v), n, name)
             for m, v in zip(s[f"{name}_index"][q, :page.top].tolist(),
                             s[f"{name}_score"][q, :page.top].tolist(), strict=True))
+    towards, away = "", ""
+    if page.config["task"].get("measurement") == "loss" and label is not None:
+        towards, away = ": pulled toward this query's label", ": pushed away from it"
     hist = page.out / "img" / f"hist_{q}.png"
     plot_histogram(s["histogram_counts"][q].numpy(), s["histogram_edges"][q].numpy(), hist)
     return (f"<article class='query' id='q{q}'><h3>{heading}</h3><div class='query-body'>"
@@ -254,9 +263,9 @@ def _query_section(page: _Page, q: int) -> str:
             f"<figure><img class='hist' src='img/{hist.name}' alt='score histogram'>"
             f"<figcaption>scores of all {page.score_info['n_train']} training examples"
             f"</figcaption></figure></div>"
-            f"<div class='tops'><h4>most helpful (s &gt; 0: pulled toward this query's label)"
+            f"<div class='tops'><h4>most helpful (s &gt; 0{towards})"
             f"</h4><div class='cards helpful'>{cards['helpful']}</div>"
-            f"<h4>most harmful (s &lt; 0: pushed away from it)</h4>"
+            f"<h4>most harmful (s &lt; 0{away})</h4>"
             f"<div class='cards harmful'>{cards['harmful']}</div></div></div></article>")
 
 
@@ -264,7 +273,8 @@ def _query_card(page: _Page, q: int) -> str:
     kind = page.display.get("kind", "none")
     if kind == "image":
         path = page.out / "img" / f"query_{q}.png"
-        save_image(page.examples["query_x"][q].numpy(), page.display["image_shape"], path)
+        if not path.exists():
+            save_image(page.examples["query_x"][q].numpy(), page.display["image_shape"], path)
         content = (f"<img class='example query-image' src='img/{path.name}' "
                    f"alt='{esc(page.query_ids[q])}' data-query='{q}'>")
     elif kind == "text":
@@ -315,6 +325,15 @@ def _example_body(page: _Page, q: int | None, m: int) -> str:
     if kind == "vector" and m in page.train_row:
         return _features(page, page.examples["train_x"][page.train_row[m]].numpy())
     return ""
+
+
+def _query_thumbnail(page: _Page, q: int) -> str:
+    if page.display.get("kind") != "image":
+        return ""
+    path = page.out / "img" / f"query_{q}.png"
+    if not path.exists():
+        save_image(page.examples["query_x"][q].numpy(), page.display["image_shape"], path)
+    return f"<img class='thumb' src='img/{path.name}' alt=''>"
 
 
 def _thumbnail(page: _Page, m: int) -> str:
@@ -486,7 +505,8 @@ article.query{border-top:1px solid var(--line);padding:6px 0 12px}
 img.example{width:112px;height:112px;image-rendering:pixelated;display:block;
   border:1px solid #eee;object-fit:contain}
 img.query-image{width:150px;height:150px}
-img.thumb{width:44px;height:44px}img.hist{width:100%;max-width:330px}
+img.thumb{width:32px;height:32px;image-rendering:pixelated;vertical-align:middle;
+  margin-right:8px;border:1px solid #eee}img.hist{width:100%;max-width:330px}
 figure{margin:8px 0}figcaption{font-size:13px;color:var(--muted)}
 .figures{display:flex;flex-wrap:wrap;gap:24px}figure.plot{flex:0 1 520px}
 figure.plot img{max-width:100%}
