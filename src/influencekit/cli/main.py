@@ -248,10 +248,14 @@ def _report_arguments(parser):
 @command("report", "render the HTML report of a store (reads only the store)",
          "influencekit report runs/digits --out report_digits --top 8", _report_arguments)
 def run_report(args) -> int:
+    import time
+
     from ..report import render_report
 
+    start = time.perf_counter()
     page = render_report(args.store, args.out, top=args.top, max_queries=args.max_queries)
-    _echo(args)(f"report written to {page}")
+    print_summary(f"influencekit report {args.store}",
+                  [("render", time.perf_counter() - start, str(page))], _echo(args))
     return EXIT_OK
 
 

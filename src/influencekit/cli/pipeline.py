@@ -218,7 +218,8 @@ def evaluate_run(config: dict, store: RunStore, progress: bool | None = None,
     if scores is None:
         with stage("score", out.timings):
             scores = compute_scores(run, inverse)
-        out.add("score", f"{tuple(scores.shape)} (recomputed: the store keeps top-k only)")
+        out.add("score", f"{tuple(scores.shape)} (recomputed: the store holds no full score "
+                         "matrix for this config)")
     out.scores = scores
     n_eval = section["queries"] or scores.shape[0]
     query = take_rows(run.query, list(range(min(n_eval, scores.shape[0]))))
