@@ -1,6 +1,7 @@
 """How long each diagnostic will take, estimated before it runs.
 
-Two unit costs are measured on the user's model and data (each a fraction of a second):
+Two unit costs are measured on the user's model and the first batch of its data, and scaled to
+the whole training set (each takes a fraction of a second):
 ``objective`` (one loss + gradient of the mean training objective over all the training data)
 and ``gradients`` (one pass of per-example training gradients). A dense p x p curvature is
 taken to cost about p objective passes (measured within a factor of ~2 on MLPs with p from 460
@@ -37,22 +38,26 @@ class UnitCosts:
 
 def measure_unit_costs(target, train, runtime: Runtime) -> UnitCosts:
     """Time one objective pass (the fastest of three, so warm-up and noise are excluded) and
-    one pass of per-example gradients."""
+    one pass of per-example gradients, on the first batch only, scaled by n / batch size (the
+    estimate never costs a pass over a large data set)."""
+    from ..grads import num_examples
     from ..grads.data import batches
 
+    quiet = runtime.replace(progress=False)
     dtype = runtime.dtype or torch.float64
-    loader = as_loader(train, runtime, "training data")
-    cached = [(b, w) for _, b, w in batches(loader, runtime.replace(progress=False), dtype)]
+    loader = as_loader(train, quiet, "training data")
+    _, batch, weights = next(iter(batches(loader, quiet, dtype)))
+    scale = num_examples(loader) / len(weights)
     flat = target.flat_params(dtype, runtime.device).requires_grad_(True)
     seconds = []
     for _ in range(3):
         start = time.perf_counter()
-        value = target.objective(target.space.unflatten(flat), cached)
+        value = target.objective(target.space.unflatten(flat), [(batch, weights)])
         torch.autograd.grad(value, flat)
         seconds.append(time.perf_counter() - start)
     start = time.perf_counter()
-    gradients(target, train, runtime.replace(progress=False), which="loss")
-    return UnitCosts(min(seconds), time.perf_counter() - start)
+    gradients(target, tuple(batch), quiet, which="loss")
+    return UnitCosts(min(seconds) * scale, (time.perf_counter() - start) * scale)
 
 
 def estimate_seconds(costs: UnitCosts, *, num_params: int, n_query: int, include,
