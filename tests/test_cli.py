@@ -138,6 +138,22 @@ def test_replay_is_bit_identical_and_names_a_difference(digits_run, tmp_path, ca
     assert main(["replay", str(tampered), "--rtol", "1e-9", "--quiet"]) == 0
 
 
+def test_a_store_of_another_config_is_refused_unless_overwritten(digits_run, tmp_path,
+                                                                   capsys):
+    config, store = digits_run
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    capsys.readouterr()
+    assert main(["fit", str(config), "--store", str(copy), "--damping", "0.5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another config (differs in method.damping)" in err
+    assert json.loads((copy / "config.json").read_text())["method"]["damping"] == 1e-2
+    assert main(["fit", str(config), "--store", str(copy), "--damping", "0.5", "--overwrite",
+                 "--quiet"]) == 0
+    assert json.loads((copy / "config.json").read_text())["method"]["damping"] == 0.5
+    assert not (copy / "scores").exists()  # the old run's scores went with it
+
+
 def test_eval_agrees_with_retraining_on_logistic_regression(tmp_path):
     """Convex model at its exact optimum: the CLI's LOO, LDS, removal and response curve are
     real retraining; they must agree with the influence predictions."""

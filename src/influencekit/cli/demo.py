@@ -105,7 +105,7 @@ def digits_demo(out: str | Path = "influence_report", *, n_train: int = 1200, hi
     config = demo_config(n_train, hidden, epochs, weight_decay, damping, max_queries, top,
                          trust, runtime)
     store = RunStore(out / "store")
-    fitted = fit_run(config, store, runtime.progress)
+    fitted = fit_run(config, store, runtime.progress, overwrite=True)  # the demo's own folder
     run, inverse = fitted.run, fitted.inverse
     facts = run.facts
     echo(f"digits MLP 64-{hidden}-10 (p = {run.target.num_params:,}): train accuracy "

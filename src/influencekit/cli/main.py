@@ -57,6 +57,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_required: bool)
                              "breast_cancer)" + ("" if config_required else
                                                  "; default: the store's config.json"))
     parser.add_argument("--store", help="run store folder (default: the config's `store`)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run of another config in the store")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         dest="overrides", help="override a config key, e.g. "
                         "--set method.damping=1e-2 (repeatable; values are TOML)")
@@ -147,7 +149,8 @@ def run_fit(args) -> int:
     from .pipeline import fit_run
 
     config, store = resolved_config(args)
-    outcome = fit_run(config, RunStore(store), progress_of(args))
+    outcome = fit_run(config, RunStore(store), progress_of(args),
+                     overwrite=args.overwrite)
     print_summary(f"influencekit fit -> {store}", outcome.rows, _echo(args))
     return EXIT_OK
 
@@ -169,7 +172,8 @@ def run_score(args) -> int:
     if args.self_influence:
         args.overrides.append("score.self_influence=true")
     config, store = resolved_config(args)
-    outcome = score_run(config, RunStore(store), progress_of(args))
+    outcome = score_run(config, RunStore(store), progress_of(args),
+                       overwrite=args.overwrite)
     print_summary(f"influencekit score -> {store}", outcome.rows, _echo(args))
     if not args.quiet and outcome.run is not None:
         _print_top(outcome, config, print)
@@ -229,7 +233,8 @@ def run_eval(args) -> int:
             args.overrides.append(f"eval.{'response_curve' if dest == 'response' else dest}"
                                   "=true")
     config, store = resolved_config(args)
-    outcome = evaluate_run(config, RunStore(store), progress_of(args))
+    outcome = evaluate_run(config, RunStore(store), progress_of(args),
+                          overwrite=args.overwrite)
     print_summary(f"influencekit eval -> {store}", outcome.rows, _echo(args))
     return EXIT_OK
 

@@ -53,13 +53,15 @@ class Outcome:
 
 # -- fit ------------------------------------------------------------------------------------------
 def fit_run(config: dict, store: RunStore, progress: bool | None = None,
-            run: Run | None = None) -> Outcome:
-    """Build, fit the inverse, write ``config.json``, ``inverse/`` and ``run.json``."""
+            run: Run | None = None, overwrite: bool = False) -> Outcome:
+    """Build, fit the inverse, write ``config.json``, ``inverse/`` and ``run.json``.
+
+    A store holding a run of another fit config is refused unless ``overwrite``."""
     out = Outcome("fit", store)
+    store.prepare(config, fit_part, overwrite)
     with stage("build", out.timings):
         out.run = run or build_run(config, progress)
     out.add("build", _describe_run(out.run))
-    store.write_config(config)
     if not out.run.is_inverse:
         out.rows.append(("fit", 0.0, f"{config['method']['name']} has no fitted state; "
                                      "`score` computes it"))
@@ -73,8 +75,9 @@ def fit_run(config: dict, store: RunStore, progress: bool | None = None,
 
 
 def fitted_inverse(config: dict, store: RunStore, run: Run, out: Outcome):
-    """The store's inverse when it was fitted for this config and model, else a fresh fit."""
-    if store.has(INVERSE) and store.exists() and fit_part(store.config()) == fit_part(config):
+    """The store's inverse (fitted for this config: ``RunStore.prepare`` checked) and this
+    model, else a fresh fit written to the store."""
+    if store.has(INVERSE):
         with stage("load inverse", out.timings):
             inverse = load_inverse(store.path / INVERSE, run.target)
             if hasattr(inverse, "attach"):
@@ -83,7 +86,6 @@ def fitted_inverse(config: dict, store: RunStore, run: Run, out: Outcome):
         return inverse
     with stage("fit", out.timings):
         inverse = fit_inverse(run)
-    store.write_config(config)
     save_inverse(store.path / INVERSE, inverse)
     out.add("fit", f"{inverse!r} -> {store.path / INVERSE}")
     return inverse
@@ -91,18 +93,17 @@ def fitted_inverse(config: dict, store: RunStore, run: Run, out: Outcome):
 
 # -- score ----------------------------------------------------------------------------------------
 def score_run(config: dict, store: RunStore, progress: bool | None = None,
-              run: Run | None = None, inverse=None) -> Outcome:
+              run: Run | None = None, inverse=None, overwrite: bool = False) -> Outcome:
     """Scores of every training example on every query, written to ``scores/`` and
     ``examples/`` (top-k per query always; the full matrix when ``score.top_k`` is 0)."""
     out = Outcome("score", store)
+    store.prepare(config, fit_part, overwrite)
     with stage("build", out.timings):
         out.run = run or build_run(config, progress)
     out.add("build", _describe_run(out.run))
     if out.run.is_inverse:
         out.inverse = inverse if inverse is not None else fitted_inverse(config, store,
                                                                          out.run, out)
-    else:
-        store.write_config(config)
     with stage("score", out.timings):
         out.scores = compute_scores(out.run, out.inverse)
     tensors, manifest = score_tensors(out.run, out.scores, config, out.inverse)
@@ -198,7 +199,8 @@ def inputs_of(data) -> torch.Tensor:
 
 # -- eval -----------------------------------------------------------------------------------------
 def evaluate_run(config: dict, store: RunStore, progress: bool | None = None,
-                 run: Run | None = None, inverse=None, scores=None) -> Outcome:
+                 run: Run | None = None, inverse=None, scores=None,
+                 overwrite: bool = False) -> Outcome:
     """Ground truth for the config's ``[eval]`` keys, written to ``evaluation/`` (and
     ``trust.json``): leave-one-out, LDS, removal curves, the response curve, the trust report."""
     from ..diagnostics import check
@@ -206,6 +208,7 @@ def evaluate_run(config: dict, store: RunStore, progress: bool | None = None,
     from ..response import leave_one_out, response_curve, subset_retraining
 
     out = Outcome("eval", store)
+    store.prepare(config, fit_part, overwrite)
     section = config["eval"]
     with stage("build", out.timings):
         out.run = run = run or build_run(config, progress)
@@ -322,8 +325,7 @@ def _retrainer(section: dict):
 
 
 def _stored_full_scores(store: RunStore, config: dict):
-    if not store.has(SCORES) or not store.exists() or fit_part(store.config()) != fit_part(
-            config):
+    if not store.has(SCORES):  # RunStore.prepare checked the store belongs to this config
         return None
     tensors, _ = store.read(SCORES)
     return tensors.get("scores")

@@ -101,6 +101,30 @@ class RunStore:
         self.path.mkdir(parents=True, exist_ok=True)
         _write_json(self.path / CONFIG, config)
 
+    def prepare(self, config: dict, fit_keys, overwrite: bool = False) -> None:
+        """Make the store ready for a command of ``config``: refuse (``StoreError``) when it
+        holds a run whose ``fit_keys(config)`` differ, unless ``overwrite`` (then the old run's
+        files are removed); then record ``config``."""
+        if self.exists():
+            old, new = fit_keys(self.config()), fit_keys(config)
+            if old != new:
+                if not overwrite:
+                    keys = ", ".join(_differences(old, new)[:4])
+                    raise StoreError(
+                        f"{self.path} holds a run of another config (differs in {keys}); "
+                        "use a new --store, or --overwrite to replace that run.")
+                self.clear()
+        self.write_config(config)
+
+    def clear(self) -> None:
+        """Remove every file and folder of the layout above (nothing else)."""
+        import shutil
+
+        for name in (CONFIG, RUN, TRUST):
+            (self.path / name).unlink(missing_ok=True)
+        for name in (INVERSE, SCORES, EXAMPLES, EVALUATION, FIGURES, REPORT, "lds_retraining"):
+            shutil.rmtree(self.path / name, ignore_errors=True)
+
     def config(self) -> dict:
         path = self.path / CONFIG
         if not path.is_file():
@@ -168,6 +192,15 @@ class RunStore:
     def figures(self) -> list[dict]:
         path = self.path / FIGURES / "figures.json"
         return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k),
+                                                      f"{prefix}.{k}" if prefix else k)]
+    return [] if old == new else [prefix]
 
 
 def versions() -> dict:
