@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean data-fashion bench-deps
+.PHONY: demo test test-slow lint clean data-fashion bench-deps chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,21 @@ bench-deps: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/influencekit demo
 
-test: $(STAMP)
+# Headless Chromium for the report tests: installed only when missing and apt-get is usable
+# (root, or sudo without a password); elsewhere those tests are skipped with the reason.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "no apt-get: the report's browser tests will be skipped"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "apt-get needs root: the report's browser tests will be skipped"; exit 0; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	{ $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null 2>&1; } || \
+	echo "chromium could not be installed: the report's browser tests will be skipped"
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)

@@ -30,15 +30,22 @@ def test_digits_demo_scores_and_report(tmp_path):
     """Small settings; the scores are re-derived with autograd + numpy, independently."""
     result = digits_demo(tmp_path / "rep", n_train=150, hidden=6, epochs=150, damping=1e-2,
                          max_queries=3, runtime=Runtime(progress=False), echo=lambda *a: None)
-    assert (tmp_path / "rep" / "index.html").exists()
-    assert (tmp_path / "rep" / "thesis_response.png").stat().st_size > 1000
-    assert len(list((tmp_path / "rep").glob("query_*.png"))) == len(result.query_index)
+    report = tmp_path / "rep"
+    assert result.report == report / "index.html" and result.store == report / "store"
+    assert (report / "img" / "thesis_response.png").stat().st_size > 1000
+    assert len(list((report / "img").glob("query_*.png"))) == len(result.query_index)
+    page = result.report.read_text()
+    for i in result.query_index.tolist():  # named in the report as in the terminal
+        assert f"test image #{i}" in page
 
-    from influencekit.cli.demo import train_mlp
     from influencekit.data import load_digits_split
+    from influencekit.examples.digits import train_mlp
 
     split = load_digits_split(n_train=150)
-    model = train_mlp(split.x_train, split.y_train, 6, 1e-3, 150, Runtime(progress=False))
+    model = train_mlp(split.x_train, split.y_train, hidden=6, l2_strength=1e-3, epochs=150)
+    with torch.no_grad():
+        wrong = (model(split.x_test).argmax(1) != split.y_test).nonzero()[:, 0][:3]
+    assert torch.equal(result.query_index, wrong)
     params = list(model.parameters())
 
     def flat_grad(x, y, reg):
@@ -82,11 +89,11 @@ def test_digits_demo_trust_report_smallest_hessian_eigenvalue(tmp_path):
                          echo=lambda *a: None)
     finding = next(f for f in result.trust.findings if f.name == "min/max Hessian eigenvalue")
     assert finding.how.startswith("exact")
-    from influencekit.cli.demo import train_mlp
     from influencekit.data import load_digits_split
+    from influencekit.examples.digits import train_mlp
 
     split = load_digits_split(n_train=120)
-    model = train_mlp(split.x_train, split.y_train, 6, 1e-3, 100, Runtime(progress=False))
+    model = train_mlp(split.x_train, split.y_train, hidden=6, l2_strength=1e-3, epochs=100)
     flat = torch.cat([p.detach().ravel() for p in model.parameters()])
 
     def objective(f):

@@ -332,3 +332,31 @@ def test_check_passes_least_squares_and_fails_saddle():
     assert report.verdict == "fail"
     assert report.get("negative curvature mass").verdict == "fail"
     assert report.get("parameter divergence").verdict == "fail"
+
+
+def test_check_time_estimates_scale_with_the_work_they_count():
+    """The estimate of each check is linear in the measured unit costs and in the number of
+    re-optimisations / training runs it counts; re-optimisation switches from Newton (a dense
+    Hessian a step, ~p objective passes) to L-BFGS above 3,000 parameters."""
+    from influencekit.diagnostics.cost import UnitCosts, estimate_seconds
+
+    def est(costs, **kw):
+        base = dict(num_params=500, n_query=3, include=ik.diagnostics.ALL)
+        return estimate_seconds(costs, **{**base, **kw})
+
+    one, two = est(UnitCosts(1e-3, 0.0)), est(UnitCosts(2e-3, 0.0))
+    assert set(one) == set(ik.diagnostics.ALL)
+    for name in ("convexity", "numeric stability", "parameter divergence",
+                 "first-order expansion"):
+        assert two[name] == pytest.approx(2 * one[name])
+    costs = UnitCosts(1e-3, 0.0)
+    assert est(costs, examples=4)["first-order expansion"] == pytest.approx(
+        2 * est(costs, examples=2)["first-order expansion"])
+    assert est(costs, epsilons=(-1, -0.5, 0.5, 1))["first-order expansion"] == pytest.approx(
+        5 / 3 * one["first-order expansion"])
+    assert est(costs, examples=4)["parameter divergence"] == pytest.approx(
+        9 / 5 * one["parameter divergence"])
+    newton = est(costs, num_params=3000)["first-order expansion"]
+    lbfgs = est(costs, num_params=3001)["first-order expansion"]
+    assert lbfgs < newton / 10
+    assert one["training trajectory"] == 0 < est(costs, checkpoints=2)["training trajectory"]

@@ -62,3 +62,22 @@ class DataUnavailableError(InfluenceKitError):
 class ModelMismatchError(InfluenceKitError):
     """Fitted state (an inverse, a store) belongs to another model, or to other parameter
     values of this one, than the model it is used with."""
+
+
+class ConfigError(InfluenceKitError):
+    """A CLI config (TOML file or ``--set`` flag) has a missing, unknown or ill-typed key.
+
+    ``key`` is the dotted key (``"method.damping"``), ``value`` the bad value (None when the key
+    is missing) and ``allowed`` what would be accepted, in words.
+    """
+
+    def __init__(self, key: str, value, allowed: str, problem: str = "is not allowed"):
+        shown = "missing" if value is None and problem == "is missing" else repr(value)
+        if problem == "is missing":
+            message = f"config key '{key}' is missing; expected {allowed}"
+        else:
+            message = f"config key '{key}' = {shown} {problem}; allowed: {allowed}"
+        super().__init__(message)
+        self.key = key
+        self.value = value
+        self.allowed = allowed

@@ -2,11 +2,20 @@
 
 Maths settings (damping, rank, iterations, curvature kind) live on the algorithm objects. Changing
 the Runtime may change results only within dtype tolerance.
+
+Progress: long loops show a tqdm bar (``tqdm.auto``: a widget in notebooks) when stderr is a
+terminal or the code runs in a notebook. Elsewhere (CI, ``| tee``) each :func:`stage` and each
+loop that took a second or more logs one line with its duration on the ``influencekit`` logger
+(level INFO; shorter loops at DEBUG), so a log shows where the time went; configure ``logging``
+to see them (the CLI does).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,7 +31,8 @@ class Runtime:
         dtype: dtype of gradients and curvature products; ``None`` keeps the parameters' dtype.
             Dense factorisations (eigh, Cholesky) are always done in float64.
         batch_size: examples per batch when influencekit builds a loader from tensors.
-        progress: show progress bars; ``None`` shows them only when stderr is a terminal.
+        progress: show progress bars; ``None`` shows them when stderr is a terminal or in a
+            notebook, and otherwise logs one line per finished loop; ``False`` shows none.
         max_dense_bytes: memory budget of one dense ``[p, p]`` curvature matrix in float64.
         engine: how per-example gradients are computed: ``"auto"`` (layer hooks where the
             layer is supported, else vmap, else a per-example loop), ``"hooks"``, ``"vmap"``
@@ -43,13 +53,64 @@ class Runtime:
     @property
     def show_progress(self) -> bool:
         if self.progress is None:
-            return sys.stderr.isatty()
+            return interactive()
         return self.progress
 
     def bar(self, iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it"):
-        """A tqdm progress bar that honours ``progress``."""
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not self.show_progress,
-                    leave=False, dynamic_ncols=True)
+        """A tqdm progress bar that honours ``progress``.
+
+        With ``progress=None`` and no terminal or notebook, no bar is drawn; iterating logs one
+        line when the loop ends (``"<desc>: <count> <unit> in <seconds> s"``; INFO from one
+        second up, DEBUG below)."""
+        bar = tqdm(iterable, total=total, desc=desc, unit=unit, disable=not self.show_progress,
+                   leave=False, dynamic_ncols=True)
+        if self.progress is None and not self.show_progress and iterable is not None and desc:
+            return _logged(bar, desc, unit)
+        return bar
+
+
+log = logging.getLogger("influencekit")
+
+
+def interactive() -> bool:
+    """True when stderr is a terminal or the code runs in a Jupyter kernel."""
+    if sys.stderr.isatty():
+        return True
+    shell = sys.modules.get("IPython")
+    try:
+        ip = shell.get_ipython() if shell is not None else None
+    except Exception:  # noqa: BLE001 - IPython half-imported
+        ip = None
+    return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
+
+
+LOG_LOOPS_FROM_SECONDS = 1.0
+
+
+def _logged(iterable, desc: str, unit: str):
+    """Yield from ``iterable``; log its length and duration when it is exhausted (INFO when it
+    took at least ``LOG_LOOPS_FROM_SECONDS``, DEBUG otherwise: short inner loops, e.g. one per
+    Newton step, would drown the stages)."""
+    start, count = time.perf_counter(), 0
+    for item in iterable:
+        count += 1
+        yield item
+    seconds = time.perf_counter() - start
+    level = logging.INFO if seconds >= LOG_LOOPS_FROM_SECONDS else logging.DEBUG
+    log.log(level, "%s: %d %s in %.2f s", desc, count, unit, seconds)
+
+
+@contextmanager
+def stage(name: str, timings: dict | None = None):
+    """Time a stage of work: logs ``"<name> ..."`` and ``"<name> done in <s> s"`` (INFO) and,
+    when given, stores the seconds in ``timings[name]``."""
+    log.info("%s ...", name)
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    if timings is not None:
+        timings[name] = timings.get(name, 0.0) + seconds
+    log.info("%s done in %.2f s", name, seconds)
 
 
 DEFAULT_RUNTIME = Runtime()

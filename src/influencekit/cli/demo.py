@@ -1,4 +1,9 @@
-"""The two demos: the thesis example (exact numbers) and a digits MLP with a picture report."""
+"""The two demos: the thesis example (exact numbers) and a digits MLP with a picture report.
+
+The digits demo is the shipped ``digits`` config run through the same functions as
+``influencekit fit``, ``score`` (and ``eval`` with ``--trust``) and ``report``: its store is
+``<out>/store`` and its report ``<out>/index.html``.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .. import conventions
-from ..curvature import Curvature
-from ..data import load_digits_split
-from ..inverse import Exact
-from ..report import plot_response_curves, render_examples_report, top_examples
-from ..response import batch_schedule, response_curve, train, write_params
+from ..report import RunStore, plot_response_curves, render_report
+from ..response import response_curve
 from ..runtime import Runtime
-from ..scoring import Influence
-from ..storage import save_tensors
-from ..task import ClassificationTask, L2Regularizer, Target
 from ..testing import solve_thesis, thesis_data, thesis_target
+from .config import apply_overrides, load_config, resolve_config
+from .main import print_summary
+from .pipeline import evaluate_run, fit_run, score_run
 
 
 def thesis_demo(as_json: bool, echo=print) -> dict:
@@ -53,7 +54,8 @@ def thesis_response_figure(path: Path, runtime: Runtime) -> Path:
 @dataclass
 class DigitsDemo:
     """What the digits demo computed. ``scores [n_mis, n_train]``: s = g_qᵀ(G + λI)⁻¹g_m with
-    f = the query's cross-entropy under its TRUE label (s > 0: helpful)."""
+    f = the query's cross-entropy under its TRUE label (s > 0: helpful). ``query_index``:
+    positions of the misclassified images in the test split (``test image #i``)."""
 
     scores: torch.Tensor
     query_index: torch.Tensor
@@ -63,21 +65,31 @@ class DigitsDemo:
     damping: float
     report: Path
     trust: object = None  # the TrustReport when run with trust=True
+    store: Path | None = None
 
 
-def train_mlp(x, y, hidden: int, l2_strength: float, epochs: int, runtime: Runtime,
-              seed: int = 0) -> nn.Module:
-    """Full-batch Adam (lr 0.01, float64) on mean cross-entropy + (l2_strength/2)‖θ‖², through
-    the library's training loop; returns the trained model."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.Tanh(),
-                          nn.Linear(hidden, int(y.max()) + 1)).double()
-    target = Target(model, ClassificationTask(), regularizer=L2Regularizer(l2_strength))
-    schedule = batch_schedule(len(y), batch_size=None, epochs=epochs)
-    result = train(target, (x, y), schedule, optimizer="adam", lr=0.01, runtime=runtime,
-                   desc="training MLP")
-    write_params(target, result.params)
-    return model
+THESIS_CAPTION = (
+    "Appendix, for readers new to influence functions: what a score is the slope of. On the "
+    "thesis' three-point linear regression y = m·x + b (exact answers, see `influencekit demo "
+    "thesis`), each panel re-optimises the parameters with one point's weight set to 1 + ε "
+    "(solid) beside the first-order prediction θ̂ + ε·∂θ/∂w (dashed). The lines touch at "
+    "ε = 0: influence is the slope of this response. The scores above are the same slope for "
+    "the digits MLP; its own response curve needs one re-optimisation of all its parameters "
+    "per ε (`influencekit eval --store <out>/store --response`).")
+
+
+def demo_config(n_train: int, hidden: int, epochs: int, l2_strength: float, damping: float,
+                max_queries: int, top: int, trust: bool, runtime: Runtime) -> dict:
+    """The shipped digits config with the demo's settings."""
+    overrides = [("model.args.hidden", hidden), ("model.args.epochs", epochs),
+                 ("model.args.l2_strength", l2_strength), ("target.l2_strength", l2_strength),
+                 ("data.args.n_train", n_train), ("data.max_queries", max_queries),
+                 ("method.damping", damping), ("eval.response_curve", False),
+                 ("eval.trust", trust),
+                 ("eval.trust_include", ["convexity", "numeric stability"]),
+                 ("report.top", max(top, 5)), ("runtime.batch_size", runtime.batch_size),
+                 ("runtime.device", str(runtime.device))]
+    return resolve_config(apply_overrides(load_config("digits"), overrides))
 
 
 def digits_demo(out: str | Path = "influence_report", *, n_train: int = 1200, hidden: int = 32,
@@ -90,70 +102,52 @@ def digits_demo(out: str | Path = "influence_report", *, n_train: int = 1200, hi
     on 2 CPU cores), prints the TrustReport and adds it to the report."""
     runtime = runtime or Runtime()
     out = Path(out)
-    split = load_digits_split(n_train=n_train)
-    model = train_mlp(split.x_train, split.y_train, hidden, l2_strength, epochs, runtime)
-    with torch.no_grad():
-        train_acc = float((model(split.x_train).argmax(1) == split.y_train).double().mean())
-        pred = model(split.x_test).argmax(1)
-    wrong = (pred != split.y_test).nonzero()[:, 0][:max_queries]
-    test_acc = float((pred == split.y_test).double().mean())
-    target = Target(model, ClassificationTask(measurement="loss"),
-                    regularizer=L2Regularizer(l2_strength))
-    echo(f"digits MLP 64-{hidden}-10 (p = {target.num_params:,}): train accuracy "
-         f"{train_acc:.3f}, test accuracy {test_acc:.3f}; explaining {len(wrong)} misclassified "
-         "test images")
-    train = (split.x_train, split.y_train)
-    query = (split.x_test[wrong], split.y_test[wrong])
-    inverse = Exact(damping=damping).fit(Curvature(target, train, kind="ggn"), runtime)
+    config = demo_config(n_train, hidden, epochs, l2_strength, damping, max_queries, top,
+                         trust, runtime)
+    store = RunStore(out / "store")
+    fitted = fit_run(config, store, runtime.progress, overwrite=True)  # the demo's own folder
+    run, inverse = fitted.run, fitted.inverse
+    facts = run.facts
+    echo(f"digits MLP 64-{hidden}-10 (p = {run.target.num_params:,}): train accuracy "
+         f"{facts['train_accuracy']:.3f}, test accuracy {facts['query_accuracy']:.3f}; "
+         f"explaining {len(run.query_ids)} misclassified test images")
     echo(f"exact damped Gauss-Newton: (G + λI)⁻¹ with λ = {damping:g}; G (with the L2 term) has "
          "eigenvalues in "
          f"[{inverse.fit_info_['min_eigenvalue']:.2e}, {inverse.fit_info_['max_eigenvalue']:.2e}]")
-    scores = Influence(target, inverse).pairwise(query, train, runtime)
-    _print_top(scores, query, pred[wrong], wrong, split, top, echo)
-    store = out / "store"
-    save_tensors(store, {"scores": scores, "query_x": query[0], "query_y": query[1],
-                         "query_pred": pred[wrong], "train_x": split.x_train,
-                         "train_y": split.y_train, "query_index": wrong},
-                 {"kind": "examples", "image_shape": list(split.image_shape),
-                  "n_train": n_train, "measurement": "cross-entropy of the true label",
-                  "title": "Why did the digits MLP get these test images wrong?",
-                  "notes": _units_note(damping, n_train),
-                  "figures": [["Thesis example: response R(ε) beside its tangent",
-                               "thesis_response.png"]]})
-    thesis_response_figure(out / "thesis_response.png", runtime)
-    trust_html, trust_report = "", None
+    scored = score_run(config, store, runtime.progress, run=run, inverse=inverse)
+    _print_top(scored.scores, run, top, echo)
+    rows = fitted.rows + scored.rows[1:]
+    trust_report = None
     if trust:
-        from ..diagnostics import check
-
-        trust_report = check(target, inverse, train, query, runtime,
-                             include=("convexity", "numeric stability"))
+        checked = evaluate_run(config, store, runtime.progress, run=run, inverse=inverse,
+                               scores=scored.scores)
+        trust_report = store.trust()
         echo(str(trust_report))
-        trust_html = "<h2>How far to trust these scores</h2>" + trust_report.to_html()
-    page = render_examples_report(store, out, k=5, max_queries=max_queries,
-                                  extra_html=trust_html)
+        rows += checked.rows[1:]
+    thesis_response_figure(store.figure_path("thesis_response.png"), runtime)
+    store.add_figure("thesis_response.png", "The thesis example: a response and its tangent",
+                     THESIS_CAPTION)
+    page = render_report(store.path, out)
+    print_summary(f"influencekit demo -> {out}", rows, echo)
     echo(f"report written to {page}")
-    return DigitsDemo(scores, wrong, train_acc, test_acc, n_train, damping, page, trust_report)
+    return DigitsDemo(scored.scores, torch.as_tensor(run.query_positions),
+                      facts["train_accuracy"], facts["query_accuracy"], n_train, damping, page,
+                      trust_report, store.path)
 
 
-def _units_note(damping, n):
-    return (f"score s = g_qᵀ (G + λI)⁻¹ g_m with G the Gauss-Newton matrix of the mean training "
-            f"loss (plus the L2 term), λ = {damping:g}, f = cross-entropy of the query's true "
-            f"label. s > 0: the training example is helpful (upweighting it lowers the query's "
-            f"loss, pulling toward the true label); s < 0: harmful. Removing it changes the "
-            f"query's loss by about +s/n nats (n = {n}).")
-
-
-def _print_top(scores, query, predicted, wrong, split, top, echo):
-    helpful, harmful = top_examples(scores.numpy(), top)
-    n = split.x_train.shape[0]
+def _print_top(scores, run, top, echo):
+    helpful = torch.topk(scores, top, dim=1).indices
+    harmful = torch.topk(-scores, top, dim=1).indices
+    n = run.facts["n_train"]
     echo("s = g_qᵀ(G + λI)⁻¹g_m for the query's true-label loss: s > 0 helpful (pulls toward the "
          f"true label), s < 0 harmful; Δ = s/n = predicted change of the query's loss (nats) "
          f"when the training image is removed (n = {n}).")
-    for q in range(len(wrong)):
-        echo(f"test image #{int(wrong[q])}: label {int(query[1][q])}, predicted "
-             f"{int(predicted[q])}")
-        for name, idx in (("helpful", helpful[q]), ("harmful", harmful[q])):
+    for q, name in enumerate(run.query_ids):
+        echo(f"{name}: label {int(run.query_labels[q])}, predicted "
+             f"{int(run.query_predictions[q])}")
+        for kind, idx in (("helpful", helpful[q]), ("harmful", harmful[q])):
             items = ", ".join(
-                f"#{m} (y={int(split.y_train[m])}, s={float(scores[q, m]):+.3g}, "
+                f"{run.train_ids[int(m)]} (y={int(run.train_labels[m])}, "
+                f"s={float(scores[q, m]):+.3g}, "
                 f"Δ={float(conventions.removal_effect(scores[q, m], n)):+.2e})" for m in idx)
-            echo(f"  {name}: {items}")
+            echo(f"  {kind}: {items}")

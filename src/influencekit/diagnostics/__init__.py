@@ -4,7 +4,7 @@
 :class:`TrustReport`; each figure is also available as a small function.
 """
 
-from .check import ALL, check
+from .check import ALL, check, estimate_check_seconds
 from .convexity import (
                         Spectrum,
                         convexity_findings,
@@ -28,7 +28,7 @@ from .stationarity import Stationarity, objective_gradient, stationarity
 from .trajectory import checkpoint_agreement
 
 __all__ = [
-    "check", "ALL", "TrustReport", "Finding",
+    "check", "estimate_check_seconds", "ALL", "TrustReport", "Finding",
     "Spectrum", "hessian_spectrum", "hessian_ggn_gap", "convexity_findings",
     "eigenvalue_finding", "negative_mass_finding", "gap_finding",
     "solver_residuals", "residual_finding", "method_agreement", "damping_sensitivity",
