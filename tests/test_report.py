@@ -168,7 +168,8 @@ def test_report_dom_shows_token_heat_maps_of_text(tmp_path):
          for tokens in examples["query_tokens"]])
     manifest["query_token_scores_meaning"] = "test values: token t gets t - 2"
     store.write("scores", tensors, {k: v for k, v in manifest.items()
-                                    if k not in ("sha256", "format_version", "kind")})
+                                    if k not in ("store_id", "tensors_sha256", "checksum",
+                                                 "format_version", "kind")})
     assert main(["report", str(store.path), "--quiet"]) == 0
     elements = parse(rendered_dom(store.path / "report" / "index.html"))
     for q in range(manifest["n_query"]):

@@ -137,7 +137,8 @@ def build_run(config: dict, progress: bool | None = None) -> Run:
 
 
 def build_target(config: dict, model: nn.Module) -> Target:
-    """``Target(model, task, params=..., regularizer=L2Regularizer(l2_strength))`` from the config."""
+    """``Target(model, task, params=..., regularizer=L2Regularizer(l2_strength))`` from the
+    config."""
     task_settings = dict(config["task"])
     cls = task_class(task_settings.pop("name"))
     task = cls(**task_settings)

@@ -2,9 +2,9 @@
 
 ``data(n_train)`` standardises the 30 features by the training mean and standard deviation and
 splits the rows at random (fixed seed); the remaining rows are the queries (``test row #i``).
-``model(train, l2_strength)`` is a two-class linear classifier (``Linear(30, 2)``, float64) trained to the
-exact optimum of mean cross-entropy + (l2_strength/2)‖θ‖² by Newton's method (``ik.minimize``): convex,
-deterministic, so leave-one-out retraining is an exact ground truth.
+``model(train, l2_strength)`` is a two-class linear classifier (``Linear(30, 2)``, float64)
+trained to the exact optimum of mean cross-entropy + (l2_strength/2)‖θ‖² by Newton's method
+(``ik.minimize``): convex, deterministic, so leave-one-out retraining is an exact ground truth.
 """
 
 from __future__ import annotations
