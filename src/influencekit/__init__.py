@@ -10,7 +10,7 @@ The one-screen view::
 Sign and scale of every score: ``influencekit.conventions``.
 """
 
-from . import conventions, correction, diagnostics, errors, evaluation
+from . import conventions, correction, diagnostics, distributed, errors, evaluation
 from .curvature import Curvature
 from .inverse import (
                       CG,
@@ -25,9 +25,10 @@ from .inverse import (
                       LiSSA,
                       block_diagonal,
 )
+from .planner import Plan, plan
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
-from .scoring import TRAK, Influence, TracIn
+from .scoring import TRAK, Influence, TracIn, stream_scores
 from .task import ClassificationTask, L2Regularizer, RegressionTask, Target, Task
 
 __version__ = "0.1.0"
@@ -39,12 +40,12 @@ __all__ = [
     "Curvature", "InverseCurvature", "Exact", "CG", "LiSSA", "Arnoldi", "KFAC", "EKFAC",
     "Diagonal", "Identity", "BlockDiagonal", "block_diagonal",
     # scores
-    "Influence", "TracIn", "TRAK",
+    "Influence", "TracIn", "TRAK", "stream_scores",
     # what really happens
     "response_curve", "leave_one_out", "minimize", "write_params",
     # how to run
-    "Runtime",
+    "Runtime", "plan", "Plan",
     # sub-packages
-    "conventions", "errors", "diagnostics", "correction", "evaluation",
+    "conventions", "errors", "diagnostics", "distributed", "correction", "evaluation",
     "__version__",
 ]

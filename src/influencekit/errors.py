@@ -57,3 +57,7 @@ class UnsupportedModuleError(InfluenceKitError):
 
 class DataUnavailableError(InfluenceKitError):
     """An offline data set is not installed on this machine."""
+
+
+class DistributedError(InfluenceKitError):
+    """A distributed run is misconfigured (torchrun environment, ranks, shards, partitions)."""
