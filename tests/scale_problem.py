@@ -11,8 +11,10 @@ from torch import nn
 import influencekit as ik
 
 
-def build_problem(n_train=23, n_query=5, d_in=6, hidden=8, classes=3, damping=1e-2, seed=0):
-    """``(influence, train, query)``: an Exact-inverse Influence of a float64 MLP."""
+def build_problem(n_train=23, n_query=5, d_in=6, hidden=8, classes=3, damping=1e-2, seed=0,
+                  n_fit=None):
+    """``(influence, train, query)``: an Exact-inverse Influence of a float64 MLP, its
+    curvature fitted on the first ``n_fit`` training examples (default all)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train + n_query, d_in, generator=g, dtype=torch.float64)
     y = torch.randint(0, classes, (n_train + n_query,), generator=g)
@@ -22,5 +24,6 @@ def build_problem(n_train=23, n_query=5, d_in=6, hidden=8, classes=3, damping=1e
     target = ik.Target(model, ik.ClassificationTask(), regularizer=ik.L2Regularizer(1e-3))
     train = (x[:n_train], y[:n_train])
     query = (x[n_train:], y[n_train:])
-    inverse = ik.Exact(damping=damping).fit(ik.Curvature(target, train, kind="ggn"))
+    fit_on = tuple(t[:n_fit] for t in train)
+    inverse = ik.Exact(damping=damping).fit(ik.Curvature(target, fit_on, kind="ggn"))
     return ik.Influence(target, inverse), train, query
