@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.data import ConcatDataset, Subset
 
 from .errors import InfluenceKitError
 from .grads import as_loader, iter_gradients
@@ -49,9 +50,16 @@ class Calibration:
         gradient_seconds: per-example gradient, seconds per example.
         forward_seconds / backward_seconds: one forward pass with graph / one backward pass,
             seconds per example.
-        gemm_flops: ``{dtype: floating-point operations per second}`` of a matrix product.
+        gemm_flops: ``{dtype: floating-point operations per second}`` of a matrix product of
+            the scoring shape.
+        factor_flops: float64 operations per second of batched products of factor-sized
+            matrices (K-FAC statistics and solves, dense curvature products).
+        first_call_seconds: extra time of the first per-example gradient call of a process
+            (tracing, allocations), counted once in the plan's total.
         eigh_seconds_per_cube: seconds of a float64 eigendecomposition divided by d³.
         topk_seconds: a running top-k update, seconds per score.
+        statistics_seconds: K-FAC / EK-FAC statistics (all passes over the data), seconds per
+            example, measured by fitting the inverse on one and on two batches (0 for flat).
         activations: numbers produced by the model's leaf modules per example.
         outputs: model outputs per example (e.g. the number of classes).
         gradient_dtype: dtype of the gradients (the parameters' or the runtime's).
@@ -61,8 +69,11 @@ class Calibration:
     forward_seconds: float
     backward_seconds: float
     gemm_flops: dict
+    factor_flops: float
+    first_call_seconds: float
     eigh_seconds_per_cube: float
     topk_seconds: float
+    statistics_seconds: float
     activations: int
     outputs: int
     gradient_dtype: str
@@ -113,7 +124,8 @@ class Plan:
 
     @property
     def total_seconds(self) -> float:
-        return sum(s.seconds for s in self.stages)
+        """All stages plus the one-time start-up of the gradient computation."""
+        return sum(s.seconds for s in self.stages) + self.calibration.first_call_seconds
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -139,13 +151,13 @@ def plan(target, sample, *, method: str = "flat", n_train: int, n_query: int,
          score_dtype: str | None = None, store_dtype: str | None = None,
          memory_budget: int | None = None, disk_budget: int | None = None,
          max_job_seconds: float | None = None, runtime: Runtime | None = None,
-         calibration: Calibration | None = None) -> Plan:
+         calibration: Calibration | None = None, calibration_repeats: int = 3) -> Plan:
     """Estimate memory and time of each stage of an influence run, and suggest settings.
 
     Args:
         target: the :class:`~influencekit.Target` (its parameter count and module shapes).
         sample: a few representative examples (data as elsewhere; 16-64 is plenty), used for
-            the calibration.
+            the calibration (repeated to a full batch for the timings).
         method: ``"flat"`` (dense curvature, the Exact inverse), ``"kfac"`` or ``"ekfac"``.
         n_train, n_query: data sizes.
         tokens_per_example: positions per example a K-FAC layer sees (sequence length, conv
@@ -158,7 +170,9 @@ def plan(target, sample, *, method: str = "flat", n_train: int, n_query: int,
         memory_budget: bytes of working memory (default: what this machine has available).
         disk_budget: bytes for the score store (default: free space in the current folder).
         max_job_seconds: split the run into partitions of at most this long.
-        calibration: reuse an earlier :func:`calibrate` result.
+        calibration: reuse ``earlier_plan.calibration`` (same model, batch size and method)
+            instead of measuring again.
+        calibration_repeats: timings are the best of this many runs.
     """
     if method not in METHODS:
         raise InfluenceKitError(f"method={method!r} is not one of {METHODS}.")
@@ -166,15 +180,22 @@ def plan(target, sample, *, method: str = "flat", n_train: int, n_query: int,
                         ("tokens_per_example", tokens_per_example)):
         if int(value) < 1:
             raise InfluenceKitError(f"{name} must be at least 1, got {value}.")
+    if score_dtype is not None and score_dtype not in _ITEMSIZE:
+        raise InfluenceKitError(f"score_dtype {score_dtype!r} is not one of {sorted(_ITEMSIZE)}.")
     runtime = resolve_runtime(runtime)
-    cal = calibration or calibrate(target, sample, runtime)
     budget = int(memory_budget if memory_budget is not None else (available_memory() or 2**34))
     p = target.num_params
-    score_dtype = score_dtype or cal.gradient_dtype
-    gsize = _ITEMSIZE[cal.gradient_dtype]
-    qblock = query_block_size or _suggest_query_block(n_query, p, gsize, budget)
-    bsize = batch_size or _suggest_batch_size(p, cal, n_train, qblock, score_dtype, k, budget)
     layers = kfac_layers(target) if method != "flat" else []
+    shape = _model_shape(target, sample, runtime)
+    gradient_dtype = shape["gradient_dtype"]
+    score_dtype = score_dtype or gradient_dtype
+    qblock = query_block_size or _suggest_query_block(n_query, p, _ITEMSIZE[gradient_dtype],
+                                                      budget)
+    bsize = batch_size or _suggest_batch_size(p, shape["activations"], gradient_dtype, n_train,
+                                              qblock, score_dtype, k, budget)
+    cal = calibration or calibrate(target, sample, runtime, batch_size=bsize, query_rows=qblock,
+                                   score_dtype=score_dtype, method=method,
+                                   kfac_labels=kfac_labels, repeats=calibration_repeats)
     labels = cal.outputs if kfac_labels == "exact" else 1
     stages = (
         _fit_stage(method, p, n_train, bsize, layers, tokens_per_example, labels, cal),
@@ -192,28 +213,72 @@ def plan(target, sample, *, method: str = "flat", n_train: int, n_query: int,
 
 
 # -- calibration ------------------------------------------------------------------------------
-def calibrate(target, sample, runtime: Runtime | None = None, repeats: int = 3) -> Calibration:
-    """Measure the rates the estimates are built from (best of ``repeats``; about a second)."""
-    runtime = resolve_runtime(runtime)
-    loader = as_loader(sample, runtime.replace(batch_size=10**9), "calibration sample")
-    batch = next(iter(loader))
+def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int = 64,
+              query_rows: int = 64, score_dtype: str | None = None, method: str = "flat",
+              kfac_labels: str = "exact", repeats: int = 3) -> Calibration:
+    """Measure the rates the estimates are built from, each the best of ``repeats``.
+
+    Timings use batches of ``batch_size`` examples (``sample`` repeated as needed), a GEMM of
+    the scoring shape ``[query_rows, p] @ [p, batch_size]`` (p capped at 8192) and, for
+    ``method="kfac"`` / ``"ekfac"``, the inverse itself fitted on one and on two batches (the
+    difference is the statistics' cost per batch, without the eigendecompositions).
+    """
+    runtime = resolve_runtime(runtime).replace(progress=False)
+    shape = _model_shape(target, sample, runtime)
+    data = _repeat_to(sample, runtime, batch_size)
+    batch = next(iter(as_loader(data, runtime.replace(batch_size=batch_size))))
     n = _batch_rows(batch)
-    grad_rt = runtime.replace(batch_size=n, progress=False)
-    grad_s = _best(lambda: [None for _ in iter_gradients(target, sample, grad_rt)], repeats) / n
-    forward_s, backward_s, outputs = _forward_backward(target, batch, repeats)
+    grad_rt = runtime.replace(batch_size=n)
+    first = time.perf_counter()
+    grads = _best(lambda: [None for _ in iter_gradients(target, data, grad_rt)], repeats,
+                  warm_up=False)
+    first_call = max(0.0, time.perf_counter() - first - (repeats + 1) * grads)
+    forward_s, backward_s = _forward_backward(target, batch, repeats)
     p = target.num_params
-    dtype = next(iter(target.params().values())).dtype if runtime.dtype is None else runtime.dtype
-    gemm = {name: _gemm_rate(min(max(p, 64), 2048), getattr(torch, name), repeats)
-            for name in ("float64", "float32", "bfloat16")}
+    dtypes = {"float64", shape["gradient_dtype"], score_dtype or shape["gradient_dtype"]}
+    gemm = {name: _gemm_rate(min(query_rows, 256), min(p, 8192), min(n, 512),
+                             getattr(torch, name), repeats) for name in sorted(dtypes)}
+    layers = kfac_layers(target) if method != "flat" else []
+    statistics = 0.0
+    if method != "flat":
+        statistics = _statistics_rate(target, sample, runtime.replace(batch_size=n), method,
+                                      kfac_labels, repeats)
     return Calibration(
-        gradient_seconds=grad_s, forward_seconds=forward_s / n, backward_seconds=backward_s / n,
-        gemm_flops=gemm, eigh_seconds_per_cube=_eigh_rate(repeats),
-        topk_seconds=_topk_rate(repeats), activations=_activations(target, batch) // n,
-        outputs=outputs, gradient_dtype=str(dtype).replace("torch.", ""))
+        gradient_seconds=grads / n, forward_seconds=forward_s / n,
+        backward_seconds=backward_s / n, gemm_flops=gemm,
+        factor_flops=_factor_rate(max([lay.d_out for lay in layers] + [64]), repeats),
+        first_call_seconds=first_call, eigh_seconds_per_cube=_eigh_rate(repeats),
+        topk_seconds=_topk_rate(min(query_rows, 256), min(n, 1024), repeats),
+        statistics_seconds=statistics, activations=shape["activations"],
+        outputs=shape["outputs"], gradient_dtype=shape["gradient_dtype"])
 
 
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, lazy initialisation)
+def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
+                     repeats: int) -> float:
+    """Seconds per example of K-FAC / EK-FAC statistics: fits on two batches minus one."""
+    from .curvature import Curvature
+    from .inverse import EKFAC, KFAC
+
+    one = _repeat_to(sample, runtime, runtime.batch_size)
+    two = _repeat_to(sample, runtime, 2 * runtime.batch_size)
+    kind = "empirical_fisher" if labels == "empirical" else "ggn"
+    cls = EKFAC if method == "ekfac" else KFAC
+
+    def fit(data):
+        return lambda: cls(damping=1.0, labels=labels).fit(Curvature(target, data, kind),
+                                                           runtime)
+
+    t_one = _best(fit(one), repeats)
+    t_two = _best(fit(two), repeats)
+    return max(t_two - t_one, 0.1 * t_one) / runtime.batch_size
+
+
+def _best(fn, repeats: int, warm_up: bool = True) -> float:
+    """Best of ``repeats`` runs (after one warm-up run: allocations, lazy initialisation)."""
+    if warm_up:
+        fn()
+    else:
+        repeats += 1
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
@@ -222,47 +287,10 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def _forward_backward(target, batch, repeats: int):
-    params = {n: t.requires_grad_(True) for n, t in target.params().items()}
-    leaves = list(params.values())
-
-    def forward():
-        return target.losses(params, batch).sum()
-
-    def both():
-        torch.autograd.grad(forward(), leaves)
-
-    forward_s = _best(forward, repeats)
-    both_s = _best(both, repeats)
-    with torch.no_grad():
-        out = target.outputs(params, batch)
-    outputs = int(out[0].numel()) if out.dim() else 1
-    return forward_s, max(both_s - forward_s, 0.0), outputs
-
-
-def _gemm_rate(size: int, dtype: torch.dtype, repeats: int) -> float:
-    a = torch.randn(256, size, dtype=torch.float32).to(dtype)
-    b = torch.randn(512, size, dtype=torch.float32).to(dtype)
-    seconds = _best(lambda: a @ b.T, repeats)
-    return 2 * 256 * 512 * size / max(seconds, 1e-9)
-
-
-def _eigh_rate(repeats: int, size: int = 256) -> float:
-    m = torch.randn(size, size, dtype=torch.float64)
-    m = m @ m.T
-    return _best(lambda: torch.linalg.eigh(m), repeats) / size**3
-
-
-def _topk_rate(repeats: int) -> float:
-    from .scoring.topk import RunningTopK
-
-    block = torch.randn(64, 1024, dtype=torch.float64)
-    top = RunningTopK(64, 10)
-    return _best(lambda: top.update(block, 0), repeats) / block.numel()
-
-
-def _activations(target, batch) -> int:
-    """Numbers output by the model's leaf modules on ``batch`` (forward hooks, removed after)."""
+def _model_shape(target, sample, runtime: Runtime) -> dict:
+    """Outputs and leaf-module activations per example, and the gradients' dtype."""
+    batch = next(iter(as_loader(sample, runtime.replace(batch_size=8), "calibration sample")))
+    n = _batch_rows(batch)
     counts = []
 
     def count(_module, _inputs, output):
@@ -273,11 +301,67 @@ def _activations(target, batch) -> int:
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.no_grad():
-            target.outputs(target.params(), batch)
+            out = target.outputs(target.params(), batch)
     finally:
         for h in handles:
             h.remove()
-    return sum(counts)
+    dtype = runtime.dtype or next(iter(target.params().values())).dtype
+    return {"activations": sum(counts) // n, "outputs": int(out[0].numel()) if out.dim() else 1,
+            "gradient_dtype": str(dtype).replace("torch.", "")}
+
+
+def _repeat_to(sample, runtime: Runtime, rows: int):
+    """``sample`` repeated (and cut) to exactly ``rows`` examples."""
+    if isinstance(sample, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in sample):
+        n = sample[0].shape[0]
+        index = torch.arange(rows) % n
+        return tuple(t[index] for t in sample)
+    dataset = as_loader(sample, runtime, "calibration sample").dataset
+    n = len(dataset)
+    return Subset(ConcatDataset([dataset] * math.ceil(rows / n)), range(rows))
+
+
+def _forward_backward(target, batch, repeats: int):
+    """Seconds of a forward pass with graph, and of the backward pass to every parameter."""
+    params = {n: t.requires_grad_(True) for n, t in target.params().items()}
+    leaves = list(params.values())
+
+    def forward():
+        return target.losses(params, batch).sum()
+
+    def both():
+        torch.autograd.grad(forward(), leaves)
+
+    forward_s = _best(forward, repeats)
+    return forward_s, max(_best(both, repeats) - forward_s, 0.0)
+
+
+def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
+    a = torch.randn(m, k, dtype=torch.float32).to(dtype)
+    b = torch.randn(n, k, dtype=torch.float32).to(dtype)
+    seconds = _best(lambda: a @ b.T, repeats)
+    return 2 * m * n * k / max(seconds, 1e-9)
+
+
+def _factor_rate(d: int, repeats: int, batch: int = 16) -> float:
+    d = min(d, 256)
+    q = torch.randn(d, d, dtype=torch.float64)
+    g = torch.randn(batch, d, d, dtype=torch.float64)
+    return 2 * batch * d**3 / max(_best(lambda: q @ g, repeats), 1e-9)
+
+
+def _eigh_rate(repeats: int, size: int = 256) -> float:
+    m = torch.randn(size, size, dtype=torch.float64)
+    m = m @ m.T
+    return _best(lambda: torch.linalg.eigh(m), repeats) / size**3
+
+
+def _topk_rate(rows: int, cols: int, repeats: int) -> float:
+    from .scoring.topk import RunningTopK
+
+    block = torch.randn(rows, cols, dtype=torch.float64)
+    top = RunningTopK(rows, 10)
+    return _best(lambda: top.update(block, 0), repeats) / block.numel()
 
 
 def _batch_rows(batch) -> int:
@@ -291,7 +375,7 @@ def _batch_rows(batch) -> int:
 # -- stages -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KfacLayer:
-    """A layer as K-FAC sees it: input width (with bias) and output width."""
+    """A layer as K-FAC sees it: input width (with a column for the bias) and output width."""
 
     name: str
     width: int
@@ -300,17 +384,17 @@ class KfacLayer:
 
 def kfac_layers(target) -> list[KfacLayer]:
     """The Linear / Conv layers of the Target's selected parameters, from their shapes."""
-    named = dict(target.model.named_modules())
-    layers = []
     selected = set(target.space.names)
-    for name, module in named.items():
+    layers = []
+    for name, module in target.model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            weight = f"{name}.weight" if name else "weight"
-            if weight not in selected:
+            prefix = f"{name}." if name else ""
+            if prefix + "weight" not in selected:
                 continue
+            bias = module.bias is not None and prefix + "bias" in selected
             w = module.weight
-            bias = 1 if module.bias is not None and f"{name}.bias" in selected else 0
-            layers.append(KfacLayer(name, int(w[0].numel()) + bias, int(w.shape[0])))
+            layers.append(KfacLayer(name or type(module).__name__, int(w[0].numel()) + int(bias),
+                                    int(w.shape[0])))
     if not layers:
         raise InfluenceKitError("K-FAC needs Linear or Conv layers among the selected "
                                 "parameters; plan with method='flat'.")
@@ -320,63 +404,62 @@ def kfac_layers(target) -> list[KfacLayer]:
 def _fit_stage(method, p, n, bsize, layers, tokens, labels, cal: Calibration) -> StageEstimate:
     rate64 = cal.gemm_flops["float64"]
     if method == "flat":
-        # per example: one Jacobian (one backward per output) and its outer products
+        # per example: a Jacobian (one backward pass per output) and its outer products
         per_example = (cal.forward_seconds + cal.outputs * cal.backward_seconds
                        + 2 * cal.outputs * p * p / rate64)
-        return StageEstimate("fit", n * per_example, 2 * p * p * 8,
+        jacobians = 2 * bsize * cal.outputs * p * 8
+        return StageEstimate("fit", n * per_example, 4 * p * p * 8 + jacobians,
                              f"dense [p, p] curvature, p={p:,}")
-    factor_flops = sum(2 * tokens * (lay.width**2 + labels * lay.d_out**2) for lay in layers)
-    passes = cal.forward_seconds + labels * cal.backward_seconds
-    seconds = n * (passes + factor_flops / rate64)
-    if method == "ekfac":
-        rotate = sum(2 * tokens * (lay.width**2 + labels * lay.d_out**2)
-                     + 2 * labels * tokens * lay.d_out * lay.width for lay in layers)
-        seconds += n * (passes + rotate / rate64)
-    factors = sum(lay.width**2 + lay.d_out**2 for lay in layers) * 8
-    width = max(lay.width + lay.d_out for lay in layers)
-    batch = bsize * tokens * sum(lay.width + lay.d_out for lay in layers) * 8 * (1 + labels)
-    return StageEstimate("fit", seconds, factors + batch + bsize * tokens * width * 8,
-                         f"{len(layers)} layers, {labels} backward pass(es) per example")
+    seconds = n * cal.statistics_seconds
+    acts = bsize * tokens * sum(lay.width + lay.d_out for lay in layers) * 8
+    memory = sum(lay.width**2 + lay.d_out**2 for lay in layers) * 8 + 3 * acts
+    detail = f"{len(layers)} layers, {labels} backward pass(es) per example"
+    if method == "ekfac":  # the eigenvalue-correction pass holds [B, d_out, width] products
+        largest = max(lay.d_out * lay.width for lay in layers)
+        memory = max(memory, 3 * bsize * largest * 8 + 2 * acts)
+        detail += ", plus the eigenvalue-correction pass"
+    return StageEstimate("fit", seconds, memory, detail)
 
 
 def _eigh_stage(method, p, layers, cal: Calibration) -> StageEstimate:
     if method == "flat":
         return StageEstimate("eigendecomposition", cal.eigh_seconds_per_cube * p**3,
-                             3 * p * p * 8, f"eigh of [{p}, {p}] float64")
+                             5 * p * p * 8, f"eigh of [{p}, {p}] float64")
     dims = [d for lay in layers for d in (lay.width, lay.d_out)]
     largest = max(d * d for d in dims)
     return StageEstimate("eigendecomposition", cal.eigh_seconds_per_cube * sum(d**3 for d in dims),
-                         (sum(2 * d * d for d in dims) + 2 * largest) * 8,
+                         (sum(2 * d * d for d in dims) + 3 * largest) * 8,
                          f"{len(dims)} factors, largest {max(dims)}")
 
 
 def _query_stage(method, p, n_query, qblock, layers, cal: Calibration) -> StageEstimate:
-    rate64 = cal.gemm_flops["float64"]
     if method == "flat":
-        solve_flops = 4 * n_query * p * p
+        solve = 4 * n_query * p * p / cal.gemm_flops["float64"]
     else:
-        solve_flops = sum(4 * n_query * lay.d_out * lay.width * (lay.d_out + lay.width)
-                          for lay in layers)
+        solve = sum(4 * n_query * lay.d_out * lay.width * (lay.d_out + lay.width)
+                    for lay in layers) / cal.factor_flops
     gsize = _ITEMSIZE[cal.gradient_dtype]
-    seconds = n_query * cal.gradient_seconds + solve_flops / rate64
-    return StageEstimate("query_gradients", seconds, 3 * qblock * p * max(gsize, 8),
-                         f"{n_query} queries in blocks of {qblock}")
+    seconds = n_query * cal.gradient_seconds + solve
+    memory = gradient_memory_bytes(p, qblock, cal.activations, gsize) + 3 * qblock * p * 8
+    return StageEstimate("query_gradients", seconds, memory,
+                         f"{n_query} queries in blocks of {qblock}, preconditioned in float64")
 
 
 def _train_stage(p, n_train, n_query, qblock, bsize, cal: Calibration) -> StageEstimate:
     blocks = math.ceil(n_query / qblock)
-    memory = gradient_memory_bytes(p, bsize, cal.activations, _ITEMSIZE[cal.gradient_dtype])
+    gsize = _ITEMSIZE[cal.gradient_dtype]
+    memory = qblock * p * gsize + gradient_memory_bytes(p, bsize, cal.activations, gsize)
     return StageEstimate("train_gradients", blocks * n_train * cal.gradient_seconds, memory,
                          f"{n_train} examples x {blocks} query block(s), batch {bsize}")
 
 
 def _scoring_stage(p, n_train, n_query, qblock, bsize, score_dtype, k,
                    cal: Calibration) -> StageEstimate:
-    flops = 2 * n_query * n_train * p
-    seconds = flops / cal.gemm_flops[score_dtype]
+    seconds = 2 * n_query * n_train * p / cal.gemm_flops[score_dtype]
     if k is not None:
         seconds += n_query * n_train * cal.topk_seconds
-    memory = scoring_memory_bytes(p, qblock, bsize, _ITEMSIZE[score_dtype], k)
+    memory = (scoring_memory_bytes(p, qblock, bsize, _ITEMSIZE[score_dtype], k)
+              + bsize * p * _ITEMSIZE[cal.gradient_dtype])
     return StageEstimate("scoring", seconds, memory,
                          f"{n_query}x{n_train} scores, {score_dtype}"
                          + (f", top-{k}" if k else ""))
@@ -384,10 +467,10 @@ def _scoring_stage(p, n_train, n_query, qblock, bsize, score_dtype, k,
 
 def gradient_memory_bytes(num_params: int, batch_size: int, activations: int,
                           itemsize: int) -> int:
-    """Working memory of one batch of per-example gradients ``[B, p]``: the per-parameter
-    gradients, their flat copy and the regularised copy, plus the activations kept for the
-    backward pass."""
-    return batch_size * (3 * num_params + 3 * activations) * itemsize
+    """Working memory of per-example gradients ``[B, p]``: about five ``[B, p]`` buffers
+    (per-parameter gradients, their flat copy, the previous block still held by the caller,
+    finiteness checks and temporaries) plus the activations of the backward pass."""
+    return batch_size * (5 * num_params + 3 * activations) * itemsize
 
 
 def scoring_memory_bytes(num_params: int, n_query: int, block_size: int, itemsize: int,
@@ -407,13 +490,13 @@ def _suggest_query_block(n_query: int, p: int, itemsize: int, budget: int) -> in
     return int(min(n_query, fits))
 
 
-def _suggest_batch_size(p, cal: Calibration, n_train, qblock, score_dtype, k, budget) -> int:
+def _suggest_batch_size(p, activations, gradient_dtype, n_train, qblock, score_dtype, k,
+                        budget) -> int:
     bsize = 1
     for candidate in (2**i for i in range(11)):
         if candidate > n_train:
             break
-        need = (gradient_memory_bytes(p, candidate, cal.activations,
-                                      _ITEMSIZE[cal.gradient_dtype])
+        need = (gradient_memory_bytes(p, candidate, activations, _ITEMSIZE[gradient_dtype])
                 + scoring_memory_bytes(p, qblock, candidate, _ITEMSIZE[score_dtype], k))
         if need > budget // 2:
             break
