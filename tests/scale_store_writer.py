@@ -4,7 +4,8 @@ tests/test_kill_resume.py.
     python tests/scale_store_writer.py FOLDER    # one run
     python tests/scale_store_writer.py --serve   # a server that forks one writer per request
 
-A run scores 1200 training examples in blocks of 6 into ``FOLDER/store`` and writes the top-k to
+A run scores 1200 training examples in blocks of 6 into ``FOLDER/store`` (committing every
+20 ms, so kills land both between commits and inside them) and writes the top-k to
 ``FOLDER/top_k.safetensors`` at the end. The server builds the problem once (importing torch and
 influencekit takes seconds), prints ``ready``, then reads commands on stdin: ``run FOLDER``
 forks a writer and prints ``pid N``; ``wait N`` reaps it and prints ``status S`` (the raw
@@ -25,7 +26,8 @@ from scale_problem import build_problem
 
 def write(influence, train, query, folder: Path) -> None:
     result = ik.stream_scores(influence, query, train, k=5, store=folder / "store",
-                              block_size=6, runtime=ik.Runtime(progress=False))
+                              block_size=6, runtime=ik.Runtime(progress=False),
+                              commit_seconds=0.02)
     top = result.top_k
     tmp = folder / "top_k.safetensors.tmp"
     save_file({"helpful_scores": top.helpful_scores, "helpful_indices": top.helpful_indices,

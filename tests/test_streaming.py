@@ -71,6 +71,17 @@ def test_merged_top_k_of_disjoint_shards_equals_full():
     assert torch.equal(got.helpful_scores, hv) and torch.equal(got.harmful_scores, lv)
 
 
+def test_top_k_compares_mixed_precision_blocks_without_rounding():
+    """A float32 block against a float64 k-th best that rounds UP to the block's value."""
+    top = RunningTopK(1, 1).update(torch.tensor([[0.99999993]], dtype=torch.float64), 0)
+    block = torch.tensor([[0.99999994]], dtype=torch.float32)  # 0.9999999404 > 0.99999993
+    assert torch.tensor(0.99999993).float() == block[0, 0]
+    assert top.update(block, 1).result().helpful_indices.item() == 1
+    # and rows whose block cannot reach the k-th best are left as they were
+    top.update(torch.tensor([[0.5]], dtype=torch.float32), 2)
+    assert top.result().helpful_indices.item() == 1 and top.seen_.item() == 3
+
+
 def test_top_k_clips_k_and_names_non_finite_scores():
     top = RunningTopK(2, 10).update(torch.ones(2, 3, dtype=torch.float64), 0)
     assert top.result().helpful_indices.shape == (2, 3)
@@ -254,6 +265,17 @@ def test_stream_scores_argument_errors(problem, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="influencekit"):
         stream_scores(influence, query, train, k=1, memory_budget=1000, runtime=RT)
     assert "above the budget" in caplog.text
+
+
+def test_store_commits_blocks_before_marking_them_done(tmp_path):
+    store = ScoreStore.open(tmp_path / "s", n_query=2, n_train=6, block_shape=(2, 2),
+                            dtype="float64", commit_seconds=3600)
+    store.write_block(0, 1, torch.ones(2, 2, dtype=torch.float64))
+    on_disk = ScoreStore.load(tmp_path / "s", writable=False)
+    assert store.is_done(0, 1) and not on_disk.is_done(0, 1)  # written, not yet committed
+    store.commit()
+    assert on_disk.is_done(0, 1) and on_disk.done().sum() == 1
+    assert torch.equal(on_disk.read_block(0, 1), torch.ones(2, 2, dtype=torch.float64))
 
 
 def test_store_files_and_errors(tmp_path):

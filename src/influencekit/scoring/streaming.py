@@ -67,7 +67,8 @@ def stream_scores(influence: Influence, query, train, *, k: int | None = None, s
                   partition: Partition | str | None = None, block_size: int | None = None,
                   query_block_size: int | None = None, score_dtype: str | None = None,
                   store_dtype: str = "float32", fingerprints: dict | None = None,
-                  memory_budget: int | None = None) -> StreamedScores:
+                  memory_budget: int | None = None,
+                  commit_seconds: float = 1.0) -> StreamedScores:
     """Score ``query × train`` in blocks into a top-k (``k``) and/or a score store (``store``).
 
     Args:
@@ -91,6 +92,8 @@ def stream_scores(influence: Influence, query, train, *, k: int | None = None, s
             manifest (default: :func:`data_fingerprint` of each).
         memory_budget: bytes; log a warning before starting when the estimated working memory
             exceeds it (default: the memory available on this machine).
+        commit_seconds: how often the store's written blocks are flushed and marked done (a
+            killed run loses at most this much work; 0 commits after every block).
 
     Returns :class:`StreamedScores`; the scores of the run are ``store.scores()``.
     """
@@ -108,7 +111,7 @@ def stream_scores(influence: Influence, query, train, *, k: int | None = None, s
     dtype = _score_dtype(influence, runtime, score_dtype)
     scores = _open_store(store, influence, query, train, runtime, context, partition,
                          n_query, n_train, (query_block_size or n_query, block_size), dtype,
-                         store_dtype, fingerprints) if store is not None else None
+                         store_dtype, fingerprints, commit_seconds) if store is not None else None
     if scores is not None:
         query_block_size = scores.block_shape[0]
     grid = _Grid(n_query, partition.range(n_train), query_block_size or n_query, block_size)
@@ -116,9 +119,13 @@ def stream_scores(influence: Influence, query, train, *, k: int | None = None, s
     top = RunningTopK(n_query, k) if k is not None else None
     mine = context.shard(grid.n_train_blocks)
     computed = 0
-    for qi in range(grid.n_query_blocks):
-        computed += _score_query_block(influence, query, train, runtime, grid, qi, mine, dtype,
-                                       scores, top)
+    try:
+        for qi in range(grid.n_query_blocks):
+            computed += _score_query_block(influence, query, train, runtime, grid, qi, mine,
+                                           dtype, scores, top)
+    finally:  # what was computed is kept, also when this run raises
+        if scores is not None:
+            scores.commit()
     context.barrier()
     if top is not None and context.is_distributed:
         top = _gather_top_k(top, context)
@@ -266,7 +273,7 @@ def _gather_top_k(top: RunningTopK, context: DistContext) -> RunningTopK:
 
 # -- the store --------------------------------------------------------------------------------
 def _open_store(folder, influence, query, train, runtime, context, partition, n_query, n_train,
-                block_shape, dtype, store_dtype, fingerprints) -> ScoreStore:
+                block_shape, dtype, store_dtype, fingerprints, commit_seconds) -> ScoreStore:
     fingerprints = dict(fingerprints or {})
     for name, data in (("train", train), ("query", query)):
         if name not in fingerprints:
@@ -274,7 +281,8 @@ def _open_store(folder, influence, query, train, runtime, context, partition, n_
     kwargs = dict(n_query=n_query, n_train=n_train, block_shape=block_shape, dtype=store_dtype,
                   config=run_config(influence, runtime, dtype),
                   model_fingerprint=influence.target.fingerprint(),
-                  data_fingerprints=fingerprints, partition=partition)
+                  data_fingerprints=fingerprints, partition=partition,
+                  commit_seconds=commit_seconds)
     if context.is_main:  # one process creates the files; the others open them after
         ScoreStore.open(folder, **kwargs)
     context.barrier()

@@ -64,21 +64,32 @@ class RunningTopK:
 
     def update(self, block: torch.Tensor, train_start: int, query_start: int = 0) -> RunningTopK:
         """Absorb scores ``block[i, j]`` of query ``query_start + i`` and training example
-        ``train_start + j``; returns self. Raises :class:`NonFiniteError` on NaN or inf."""
+        ``train_start + j``; returns self. Raises :class:`NonFiniteError` on NaN or inf.
+
+        Rows of the block with no score reaching the current k-th best are skipped after one
+        comparison, so late blocks of a long stream cost little more than reading them.
+        """
         if block.dim() != 2:
             raise InfluenceKitError(f"a score block must be [n_query_block, n_train_block], got "
                                     f"shape {tuple(block.shape)}.")
-        rows = slice(query_start, query_start + block.shape[0])
-        if query_start < 0 or rows.stop > self.n_query:
-            raise InfluenceKitError(f"query rows {query_start}..{rows.stop - 1} are outside "
-                                    f"0..{self.n_query - 1}.")
+        if query_start < 0 or query_start + block.shape[0] > self.n_query:
+            raise InfluenceKitError(f"query rows {query_start}..{query_start + block.shape[0] - 1}"
+                                    f" are outside 0..{self.n_query - 1}.")
         if block.shape[1] == 0:
             return self
-        block = block.detach().to("cpu", self.dtype)
+        block = block.detach().cpu()
+        _check_finite(block, train_start, query_start)
+        rows = torch.arange(query_start, query_start + block.shape[0])
         for largest in (True, False):
-            values, local = _block_candidates(block, self.k, largest)
-            _check_finite(values, local, train_start, query_start)
-            self._absorb(rows, values, local + train_start, largest)
+            # compared in the wider dtype (type promotion), never rounded to the block's
+            kth = (self.helpful_scores_ if largest else self.harmful_scores_)[rows, -1, None]
+            reach = (block >= kth) if largest else (block <= kth)
+            hit = reach.any(dim=1).nonzero().flatten()
+            if hit.numel() == 0:
+                continue
+            sub = block if hit.numel() == block.shape[0] else block[hit]
+            values, local = _block_candidates(sub, self.k, largest)
+            self._absorb(rows[hit], values.to(self.dtype), local + train_start, largest)
         self.seen_[rows] += block.shape[1]
         return self
 
@@ -87,7 +98,7 @@ class RunningTopK:
         if other.n_query != self.n_query or other.k != self.k:
             raise InfluenceKitError(f"cannot merge a top-{other.k} of {other.n_query} queries "
                                     f"into a top-{self.k} of {self.n_query} queries.")
-        rows = slice(0, self.n_query)
+        rows = torch.arange(self.n_query)
         self._absorb(rows, other.helpful_scores_.to(self.dtype), other.helpful_indices_, True)
         self._absorb(rows, other.harmful_scores_.to(self.dtype), other.harmful_indices_, False)
         self.seen_ += other.seen_
@@ -118,7 +129,7 @@ class RunningTopK:
         top.seen_ = state["seen"].clone()
         return top
 
-    def _absorb(self, rows: slice, values: torch.Tensor, indices: torch.Tensor,
+    def _absorb(self, rows: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                 largest: bool) -> None:
         if largest:
             scores, kept = self.helpful_scores_, self.helpful_indices_
@@ -160,14 +171,14 @@ def _block_candidates(block: torch.Tensor, k: int, largest: bool):
     return values, local
 
 
-def _check_finite(values: torch.Tensor, local: torch.Tensor, train_start: int,
-                  query_start: int) -> None:
-    # NaN sorts above every number and ±inf sit at the ends, so a non-finite score in the block
-    # always reaches the candidates of one of the two directions.
-    bad = ~torch.isfinite(values)
-    if bad.any():
-        i, j = (int(v) for v in bad.nonzero()[0])
-        raise NonFiniteError(
-            f"the score of query {query_start + i} and training example "
-            f"{train_start + int(local[i, j])} is {values[i, j].item()}; check the inverse "
-            "(damping) and the gradients of that example.", index=train_start + int(local[i, j]))
+def _check_finite(block: torch.Tensor, train_start: int, query_start: int) -> None:
+    if torch.isfinite(block.sum()):  # one cheap pass; locate only when something is off
+        return
+    bad = ~torch.isfinite(block)
+    if not bad.any():  # the sum overflowed, the scores are finite
+        return
+    i, j = (int(v) for v in bad.nonzero()[0])
+    raise NonFiniteError(
+        f"the score of query {query_start + i} and training example {train_start + j} is "
+        f"{block[i, j].item()}; check the inverse (damping) and the gradients of that example.",
+        index=train_start + j)

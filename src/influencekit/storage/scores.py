@@ -10,9 +10,12 @@ A store is a folder holding
 - ``manifest.json``: the run that made it: format, full shape, columns, partition, block shape,
   dtype, model fingerprint, data fingerprints and a free-form ``config`` (inverse, task, dtypes).
 
-A block is written and flushed before its done flag is set, so a process killed at any point
-leaves only whole blocks marked done; reopening the store with the same manifest resumes, and
-reopening it with a different one raises :class:`StoreError` naming the field that differs.
+Blocks are committed in groups: written blocks are flushed to disk (``msync``) BEFORE their done
+flags are set and flushed, at most every ``commit_seconds`` (and at :meth:`ScoreStore.commit`).
+So a process killed at any point, or a machine that goes down, leaves only whole blocks marked
+done (a kill loses at most the last ``commit_seconds`` of work); reopening the store with the
+same manifest resumes, and reopening it with a different one raises :class:`StoreError` naming
+the field that differs.
 Scores follow the conventions table (``s = g_qᵀ (C + λI)⁻¹ g_m``, no 1/n).
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,23 +50,29 @@ class ScoreStore:
     ``columns.start + ti * block_shape[1] ...`` of the full matrix.
     """
 
-    def __init__(self, folder: Path, scores: np.memmap, done: np.memmap, manifest: dict):
+    def __init__(self, folder: Path, scores: np.memmap, done: np.memmap, manifest: dict,
+                 commit_seconds: float = 1.0):
         self.folder = folder
         self._scores = scores
         self._done = done
         self.manifest = manifest
+        self.commit_seconds = commit_seconds
+        self._pending: set[tuple[int, int]] = set()
+        self._last_commit = time.monotonic()
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, folder, *, n_query: int, n_train: int, block_shape: tuple[int, int],
              dtype: str = "float32", config: dict | None = None,
              model_fingerprint: str = "", data_fingerprints: dict | None = None,
-             partition: Partition | str | None = None) -> ScoreStore:
+             partition: Partition | str | None = None,
+             commit_seconds: float = 1.0) -> ScoreStore:
         """Create the store in ``folder``, or reopen it to resume the same run.
 
         ``partition`` (e.g. ``"3/8"``) makes a partial store of that partition's training
-        examples. Raises :class:`StoreError` when the folder holds a store of another run (the
-        message names the first field that differs) or is corrupt.
+        examples; ``commit_seconds``: how often written blocks are made durable and marked done
+        (0: after every block). Raises :class:`StoreError` when the folder holds a store of
+        another run (the message names the first field that differs) or is corrupt.
         """
         manifest = build_manifest(n_query=n_query, n_train=n_train, block_shape=block_shape,
                                   dtype=dtype, config=config or {},
@@ -73,8 +83,10 @@ class ScoreStore:
         if (folder / MANIFEST).exists():
             store = cls.load(folder)
             store.check_same_run(manifest)
-            return store
-        return cls._create(folder, manifest)
+        else:
+            store = cls._create(folder, manifest)
+        store.commit_seconds = commit_seconds
+        return store
 
     @classmethod
     def _create(cls, folder: Path, manifest: dict) -> ScoreStore:
@@ -181,18 +193,34 @@ class ScoreStore:
 
     # -- blocks -------------------------------------------------------------------------------
     def is_done(self, qi: int, ti: int) -> bool:
-        return bool(self._done[qi, ti])
+        """Block ``(qi, ti)`` is on disk, or written by this process and not yet committed."""
+        return bool(self._done[qi, ti]) or (qi, ti) in self._pending
 
     def done(self) -> np.ndarray:
-        """The done-mask ``[n_query_blocks, n_train_blocks]`` (a copy)."""
-        return np.array(self._done)
+        """The done-mask ``[n_query_blocks, n_train_blocks]`` (a copy; includes blocks written
+        by this process and not yet committed)."""
+        mask = np.array(self._done)
+        for qi, ti in self._pending:
+            mask[qi, ti] = True
+        return mask
 
     @property
     def complete(self) -> bool:
-        return bool(np.asarray(self._done).all())
+        return bool(self.done().all())
+
+    def commit(self) -> None:
+        """Flush the blocks written since the last commit, then mark them done and flush."""
+        if self._pending:
+            self._scores.flush()
+            for qi, ti in self._pending:
+                self._done[qi, ti] = True
+            self._done.flush()
+            self._pending.clear()
+        self._last_commit = time.monotonic()
 
     def write_block(self, qi: int, ti: int, scores: torch.Tensor | np.ndarray) -> None:
-        """Store block ``(qi, ti)`` (rounded to the store's dtype), flush, then mark it done."""
+        """Store block ``(qi, ti)`` (rounded to the store's dtype); it is marked done at the
+        next commit (automatic after ``commit_seconds``; call :meth:`commit` when finished)."""
         rows, cols = self.block_rows(qi), self.block_columns(ti)
         scores = torch.as_tensor(scores)
         if tuple(scores.shape) != (len(rows), len(cols)):
@@ -200,12 +228,13 @@ class ScoreStore:
                              f"({len(rows)}, {len(cols)}), got {tuple(scores.shape)}.")
         local = slice(cols.start - self.columns.start, cols.stop - self.columns.start)
         self._scores[rows.start:rows.stop, local] = _encode(scores, self.manifest["dtype"])
-        self._scores.flush()
-        self._done[qi, ti] = True
-        self._done.flush()
+        self._pending.add((qi, ti))
+        if time.monotonic() - self._last_commit >= self.commit_seconds:
+            self.commit()
 
     def discard_block(self, qi: int, ti: int) -> None:
         """Mark block ``(qi, ti)`` not done: the next run recomputes it."""
+        self._pending.discard((qi, ti))
         self._done[qi, ti] = False
         self._done.flush()
 
@@ -301,6 +330,7 @@ def merge_score_stores(parts: Sequence, folder) -> ScoreStore:
                 continue
             rows, cols = merged.block_rows(qi), merged.block_columns(ti)
             merged.write_block(qi, ti, _read_across(by_start, rows, cols))
+    merged.commit()
     return merged
 
 
@@ -355,10 +385,10 @@ def _feed(h, value) -> None:
         h.update(f"tensor{value.dtype}{tuple(value.shape)}".encode())
         if value.dtype == torch.bfloat16:
             value = value.view(torch.int16)
-        h.update(value.numpy().tobytes())
+        h.update(value.reshape(-1).numpy().view(np.uint8))  # the buffer itself, no copy
     elif isinstance(value, np.ndarray):
         h.update(f"array{value.dtype}{value.shape}".encode())
-        h.update(np.ascontiguousarray(value).tobytes())
+        h.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
     elif isinstance(value, dict):
         h.update(b"dict")
         for k in sorted(value, key=str):
