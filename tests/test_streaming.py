@@ -298,3 +298,20 @@ def test_store_files_and_errors(tmp_path):
     with pytest.raises(StoreError, match="partition 3/4 of 2 training examples is empty"):
         ScoreStore.open(tmp_path / "e", n_query=1, n_train=2, block_shape=(1, 1),
                         partition="3/4")
+
+
+def test_datasets_and_loaders_score_like_tensors(tmp_path, problem):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    influence, train, query, full = problem
+    as_dataset = TensorDataset(*train)
+    as_loader = DataLoader(TensorDataset(*query), batch_size=2, shuffle=False)
+    result = stream_scores(influence, as_loader, as_dataset, k=3, store=tmp_path / "s",
+                           block_size=5, store_dtype="float64", runtime=RT)
+    torch.testing.assert_close(result.store.scores(), full, rtol=0, atol=1e-12)
+    # the data fingerprints of a Dataset see a changed example
+    changed = TensorDataset(train[0].clone(), train[1])
+    changed.tensors[0][0, 0] += 1
+    with pytest.raises(StoreError, match="data_fingerprints.train"):
+        stream_scores(influence, as_loader, changed, store=tmp_path / "s", block_size=5,
+                      store_dtype="float64", runtime=RT)
