@@ -14,10 +14,12 @@ forks a writer and prints ``pid N``; ``wait N`` reaps it and prints ``status S``
 
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 import torch
+import tqdm.std
 from safetensors.torch import save_file
 
 import influencekit as ik
@@ -37,6 +39,9 @@ def write(influence, train, query, folder: Path) -> None:
 
 
 def serve(problem) -> None:
+    # fork only a single-threaded process: a thread holding a lock at the fork (tqdm's monitor
+    # wakes every 10 s) would leave that lock held forever in the child
+    assert threading.active_count() == 1, threading.enumerate()
     print("ready", flush=True)
     for line in sys.stdin:
         command, argument = line.split()
@@ -60,6 +65,7 @@ def serve(problem) -> None:
 
 def main() -> None:
     torch.set_num_threads(1)
+    tqdm.std.tqdm.monitor_interval = 0  # no monitor thread (see serve)
     problem = build_problem(n_train=1200, n_query=7, n_fit=100)
     if sys.argv[1] == "--serve":
         serve(problem)

@@ -27,6 +27,7 @@ class WriterServer:
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "scale_store_writer.py"), "--serve"], env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.live: set[int] = set()  # writers started and not yet reaped
         self._expect("ready")
 
     def _expect(self, word: str) -> str:
@@ -38,16 +39,24 @@ class WriterServer:
         folder.mkdir(parents=True, exist_ok=True)
         self.proc.stdin.write(f"run {folder}\n")
         self.proc.stdin.flush()
-        return int(self._expect("pid"))
+        pid = int(self._expect("pid"))
+        self.live.add(pid)
+        return pid
 
     def wait(self, pid: int) -> int:
         self.proc.stdin.write(f"wait {pid}\n")
         self.proc.stdin.flush()
-        return int(self._expect("status"))
+        status = int(self._expect("status"))
+        self.live.discard(pid)
+        return status
 
     def close(self):
+        for pid in list(self.live):  # a writer left running by a failed test
+            os.kill(pid, signal.SIGKILL)
+            self.wait(pid)
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+        self.proc.stdout.close()
 
 
 @pytest.fixture
