@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import influencekit as ik
 from influencekit.distributed import DistContext
+from influencekit.errors import StoreError
 from scale_problem import build_problem
 
 
@@ -51,8 +52,18 @@ def main(out: Path) -> None:
         # a bfloat16 tensor from the last rank arrives bit for bit
         bf16 = ctx.broadcast(torch.arange(7, dtype=torch.float32).div(3).to(torch.bfloat16)
                              if ctx.rank == ctx.world_size - 1 else None, ctx.world_size - 1)
+        # another run's store is refused on every rank (rank 0 opens it, the others learn why)
+        other, _, _ = build_problem(damping=0.1)
+        try:
+            ik.stream_scores(other, query, train, k=4, store=out / "store", block_size=5,
+                             store_dtype="float64", context=ctx,
+                             runtime=ik.Runtime(progress=False))
+            refused = 0
+        except StoreError:
+            refused = 1
         top = result.top_k
         tensors = {
+            "refused": torch.tensor([refused]),
             "helpful_scores": top.helpful_scores, "helpful_indices": top.helpful_indices,
             "harmful_scores": top.harmful_scores, "harmful_indices": top.harmful_indices,
             "grad_sum": total, "count": count, "gathered": gathered, "bf16": bf16,

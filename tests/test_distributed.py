@@ -108,6 +108,7 @@ def test_torchrun_matches_one_process(tmp_path, one_process, nproc):
     torch.testing.assert_close(store.scores(), scores, rtol=0, atol=1e-12)
     for r, got in enumerate(ranks):
         assert int(got["world_size"]) == nproc
+        assert int(got["refused"]) == 1, r  # another run's store, refused on every rank
         # every rank holds the same merged top-k: the top of the full matrix
         assert torch.equal(got["helpful_indices"], helpful.indices[:, :4]), r
         assert torch.equal(got["harmful_indices"], harmful.indices[:, :4]), r

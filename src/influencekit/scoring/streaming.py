@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..distributed import DistContext, Partition
-from ..errors import InfluenceKitError
+from ..errors import InfluenceKitError, StoreError
 from ..grads import as_loader, iter_gradients, num_examples
 from ..runtime import Runtime, resolve_runtime
 from ..storage import ScoreStore, fingerprint
@@ -108,6 +108,8 @@ def stream_scores(influence: Influence, query, train, *, k: int | None = None, s
     block_size = int(block_size or runtime.batch_size)
     if block_size < 1:
         raise InfluenceKitError(f"block_size must be positive, got {block_size}.")
+    if query_block_size is not None and query_block_size < 1:
+        raise InfluenceKitError(f"query_block_size must be positive, got {query_block_size}.")
     dtype = _score_dtype(influence, runtime, score_dtype)
     scores = _open_store(store, influence, query, train, runtime, context, partition,
                          n_query, n_train, (query_block_size or n_query, block_size), dtype,
@@ -222,9 +224,8 @@ def _score_query_block(influence, query, train, runtime, grid: _Grid, qi: int, m
     rows = grid.query_rows(qi)
     pending = [ti for ti in mine if store is None or not store.is_done(qi, ti)]
     if top is not None and store is not None:
-        for ti in mine:
-            if ti not in pending:
-                top.update(store.read_block(qi, ti), grid.train_block(ti).start, rows.start)
+        for ti in sorted(set(mine) - set(pending)):
+            top.update(store.read_block(qi, ti), grid.train_block(ti).start, rows.start)
     if not pending:
         return 0
     pre = influence.precondition(_take_rows(query, rows, runtime, "query data"), runtime)
@@ -283,9 +284,17 @@ def _open_store(folder, influence, query, train, runtime, context, partition, n_
                   model_fingerprint=influence.target.fingerprint(),
                   data_fingerprints=fingerprints, partition=partition,
                   commit_seconds=commit_seconds)
+    error = None
     if context.is_main:  # one process creates the files; the others open them after
-        ScoreStore.open(folder, **kwargs)
-    context.barrier()
+        try:
+            ScoreStore.open(folder, **kwargs)
+        except StoreError as exc:
+            error = exc
+    failed = context.sum(int(error is not None))  # also the barrier before the others open
+    if error is not None:
+        raise error
+    if failed:
+        raise StoreError(f"rank 0 could not open the score store {folder} (see its error).")
     return ScoreStore.open(folder, **kwargs)
 
 
@@ -348,13 +357,13 @@ def _describe(obj) -> dict | None:
 
 
 def _warn_if_over_budget(influence, grid: _Grid, dtype, k, memory_budget) -> None:
-    from ..planner import available_memory, scoring_memory_bytes
+    from ..planner import available_memory, gradient_memory_bytes, scoring_memory_bytes
 
     budget = memory_budget if memory_budget is not None else available_memory()
-    need = scoring_memory_bytes(num_params=influence.target.num_params,
-                                n_query=min(grid.query_block_size, grid.n_query),
-                                block_size=grid.train_block_size,
-                                itemsize=torch.empty((), dtype=dtype).element_size(), k=k)
+    p, itemsize = influence.target.num_params, torch.empty((), dtype=dtype).element_size()
+    need = (scoring_memory_bytes(p, min(grid.query_block_size, grid.n_query),
+                                 grid.train_block_size, itemsize, k)
+            + gradient_memory_bytes(p, grid.train_block_size, 0, itemsize))
     if budget is not None and need > budget:
         logger.warning(
             "streaming scores need about %.2f GiB of working memory, above the budget of %.2f "

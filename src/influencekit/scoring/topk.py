@@ -24,7 +24,7 @@ _NO_INDEX = torch.iinfo(torch.int64).max
 @dataclass(frozen=True)
 class TopKScores:
     """The result of a running top-k; every tensor is ``[n_query, k]`` (k clipped to the number
-    of training examples seen).
+    of training examples seen); scores in the top-k's dtype (float64 by default), indices int64.
 
     Attributes:
         helpful_scores / helpful_indices: the largest scores, decreasing, and their training
