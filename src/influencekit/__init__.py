@@ -16,6 +16,7 @@ from . import (
     correction,
     data,
     diagnostics,
+    distributed,
     errors,
     evaluation,
     grads,
@@ -38,9 +39,10 @@ from .inverse import (
                       LiSSA,
                       block_diagonal,
 )
+from .planner import Plan, plan
 from .response import leave_one_out, minimize, response_curve, write_params
 from .runtime import Runtime
-from .scoring import TRAK, Influence, TracIn
+from .scoring import TRAK, Influence, TracIn, stream_scores
 from .task import (
     CausalLMTask,
     ClassificationTask,
@@ -61,13 +63,13 @@ __all__ = [
     "Curvature", "InverseCurvature", "Exact", "CG", "LiSSA", "Arnoldi", "KFAC", "EKFAC",
     "Diagonal", "Identity", "BlockDiagonal", "block_diagonal",
     # scores
-    "Influence", "TracIn", "TRAK",
+    "Influence", "TracIn", "TRAK", "stream_scores",
     # what really happens
     "response_curve", "leave_one_out", "minimize", "write_params",
     # how to run
-    "Runtime",
+    "Runtime", "plan", "Plan",
     # sub-packages
     "conventions", "errors", "diagnostics", "correction", "evaluation", "storage", "report",
-    "grads", "response", "data", "testing", "cli",
+    "grads", "response", "data", "testing", "cli", "distributed",
     "__version__",
 ]

@@ -81,3 +81,7 @@ class ConfigError(InfluenceKitError):
         self.key = key
         self.value = value
         self.allowed = allowed
+
+
+class DistributedError(InfluenceKitError):
+    """A distributed run is misconfigured (torchrun environment, ranks, shards, partitions)."""

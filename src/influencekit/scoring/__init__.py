@@ -1,7 +1,11 @@
-"""Scores: influence (and later TracIn, TRAK) of training examples on measurements."""
+"""Scores: influence (and TracIn, TRAK) of training examples on measurements; streaming top-k
+and score stores for runs whose ``[n_query, n_train]`` matrix does not fit in memory."""
 
 from .influence import Influence
+from .streaming import StreamedScores, score_block, store_top_k, stream_scores
+from .topk import RunningTopK, TopKScores
 from .tracin import TracIn
 from .trak import TRAK
 
-__all__ = ["Influence", "TracIn", "TRAK"]
+__all__ = ["Influence", "TracIn", "TRAK", "stream_scores", "StreamedScores", "RunningTopK",
+           "TopKScores", "store_top_k", "score_block"]
