@@ -41,6 +41,7 @@ from .layers import (
     normalized_inputs,
     per_example_layer_grads,
     split_layers,
+    write_layer_grads,
 )
 from .matrices import layer_matrix, layer_parameters
 from .projection import LayerProjection, RandomProjection
@@ -63,7 +64,8 @@ __all__ = [
     "DIAGONAL_KINDS", "find_layers",
     "split_layers", "module_kind",
     "layer_index", "layer_tokens", "layer_activations", "layer_output_grads",
-    "normalized_inputs", "per_example_layer_grads", "layer_matrix", "layer_parameters",
+    "normalized_inputs", "per_example_layer_grads", "write_layer_grads", "layer_matrix",
+    "layer_parameters",
     "LayerCapture", "LayerPass", "backward_leaves", "live_params",
     "RandomProjection", "LayerProjection",
 ]
