@@ -288,3 +288,18 @@ def test_rank_r_layer_query_is_the_best_rank_r_matrix():
     s = torch.linalg.svdvals(q)
     error = torch.linalg.matrix_norm(q - left @ right.transpose(1, 2))
     torch.testing.assert_close(error, s[:, 2:].norm(dim=1))
+
+
+def test_the_readme_language_model_block_runs_as_written():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("## Language models"):].split("```python\n", 1)[1]
+    block = block.split("```", 1)[0]
+    names = {"ik": ik, "gpt2": tiny_gpt2(), "train": lm_data(5, seed=1),
+             "query": lm_data(2, seed=2)}
+    exec(compile(block, "README.md", "exec"), names)
+    scores = names["scores"]
+    assert scores.shape == (2, 5)
+    _close(names["tokens"].total(), scores)
+    _close(names["per_completion_token"].sum(-1), scores)
