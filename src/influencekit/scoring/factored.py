@@ -213,19 +213,28 @@ def build_queries(pre: dict[str, torch.Tensor], hooked: list[Layer], rest: list[
     return PreparedQueries(terms, list(hooked), list(rest), regularizer, rank, rest_engine)
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype preconditioned queries are held and scores summed in: the gradients' dtype,
+    at least float32 (a bfloat16 / float16 model's scores are not summed in 8-bit mantissas)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def layer_terms(layer: Layer, pre: dict[str, torch.Tensor], rank: int | None) -> list:
-    """The query terms of one hooked layer (see :func:`build_queries`)."""
+    """The query terms of one hooked layer (see :func:`build_queries`), in
+    :func:`score_dtype`."""
     terms = []
     for part in _module_parts(layer):
         module = module_of(part.weight or part.bias)
         if part.kind in DIAGONAL_KINDS:
             n = pre[part.weight or part.bias].shape[0]
-            terms.append(DiagonalQuery(
-                part, module,
-                pre[part.weight].reshape(n, -1) if part.weight else None,
-                pre[part.bias].reshape(n, -1) if part.bias else None))
+
+            def vector(name, n=n):
+                return pre[name].reshape(n, -1).to(score_dtype(pre[name].dtype))
+            terms.append(DiagonalQuery(part, module, vector(part.weight) if part.weight else None,
+                                       vector(part.bias) if part.bias else None))
             continue
         q = layer_matrix(part, pre)
+        q = q.to(score_dtype(q.dtype))
         if rank is None:
             terms.append(KroneckerQuery(part, module, full=q.contiguous()))
         else:
@@ -243,7 +252,7 @@ def flat_terms(rest: list[str], pre: dict[str, torch.Tensor]) -> list[FlatQuery]
     for module, names in by_module.items():
         n = pre[names[0]].shape[0]
         flat = torch.cat([pre[name].reshape(n, -1) for name in names], dim=1)
-        terms.append(FlatQuery(tuple(names), module, flat))
+        terms.append(FlatQuery(tuple(names), module, flat.to(score_dtype(flat.dtype))))
     return terms
 
 
@@ -384,7 +393,7 @@ def iter_train_parts(queries: PreparedQueries, target: Target, train, runtime: R
     flat_engine = _rest_engine(target, queries)
     rest_params = None if flat_engine is None else flat_engine.target.params(dtype,
                                                                              runtime.device)
-    terms = [_cast_term(t, dtype, runtime.device) for t in queries.terms]
+    terms = [_cast_term(t, score_dtype(dtype), runtime.device) for t in queries.terms]
     modules = {layer.name: target.model.get_submodule(layer.name) for layer in queries.hooked}
     loader = as_loader(train, runtime, "training data")
     for start, batch, _ in iter_batches(loader, runtime, dtype, desc=desc):
