@@ -303,3 +303,17 @@ def test_the_readme_language_model_block_runs_as_written():
     assert scores.shape == (2, 5)
     _close(names["tokens"].total(), scores)
     _close(names["per_completion_token"].sum(-1), scores)
+
+
+def test_bfloat16_model_scores_in_float32_within_its_precision():
+    """Query gradients in the model's dtype, scores summed in float32: a bfloat16 copy of the
+    model scores like the float64 runtime to bfloat16's precision."""
+    model = tiny_gpt2().to(torch.bfloat16)
+    target = ik.Target(model, ik.CausalLMTask(), params=["transformer.h.1.mlp"])
+    train, query = lm_data(6, seed=1), lm_data(2, seed=2)
+    inverse = ik.EKFAC(DAMPING).fit(ik.Curvature(target, train))
+    scorer = ik.Influence(target, inverse)
+    low = scorer.pairwise(query, train)
+    high = scorer.pairwise(query, train, ik.Runtime(dtype=torch.float64))
+    assert low.dtype == torch.float32 and high.dtype == F64
+    assert float((low - high).abs().max() / high.abs().max()) < 0.05   # bf16: 8-bit mantissa
