@@ -317,3 +317,41 @@ def test_bfloat16_model_scores_in_float32_within_its_precision():
     high = scorer.pairwise(query, train, ik.Runtime(dtype=torch.float64))
     assert low.dtype == torch.float32 and high.dtype == F64
     assert float((low - high).abs().max() / high.abs().max()) < 0.05   # bf16: 8-bit mantissa
+
+
+# -- the inverse interface: per-parameter solves (every method of the conformance suite) ---------
+def _conformance_cases():
+    from .test_inverse_conformance import CASES
+
+    return CASES
+
+
+@pytest.mark.parametrize("case", _conformance_cases(), ids=lambda c: c.id)
+def test_solve_per_parameter_equals_solve_block_by_block(case):
+    """``solve_per_parameter`` is ``solve`` in per-parameter form (the conformance suite holds
+    ``solve`` to the explicit matrix); block-diagonal inverses also solve any block alone."""
+    from .inverse_problems import PROBLEMS
+
+    problem = PROBLEMS[case.problem]()
+    inverse = case.factory(0.1).fit(problem.curvature)
+    space = inverse.param_space_
+    g = torch.randn(3, space.numel, dtype=F64, generator=torch.Generator().manual_seed(0))
+    expected = space.unflatten(inverse.solve(g))
+    got = inverse.solve_per_parameter(space.unflatten(g))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14)
+    blocks = inverse.parameter_blocks_()
+    if blocks is None:
+        return
+    assert sorted(n for b in blocks for n in b) == sorted(space.names)   # a partition
+    pieces = space.unflatten(g)
+    for block in blocks:
+        alone = inverse.solve_per_parameter({n: pieces[n] for n in block})
+        assert set(alone) == set(block)
+        for name in block:
+            torch.testing.assert_close(alone[name], expected[name], rtol=1e-12, atol=1e-14)
+    if any(len(b) > 1 for b in blocks):
+        split = next(b for b in blocks if len(b) > 1)
+        with pytest.raises(ValueError, match="whole blocks"):
+            inverse.solve_per_parameter({split[0]: pieces[split[0]]})
