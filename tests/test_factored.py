@@ -321,12 +321,14 @@ def test_bfloat16_model_scores_in_float32_within_its_precision():
 
 # -- the inverse interface: per-parameter solves (every method of the conformance suite) ---------
 def _conformance_cases():
+    """Every case of the conformance suite (LiSSA's 150 recursions: slow)."""
     from .test_inverse_conformance import CASES
 
-    return CASES
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.id == "lissa" else [])
+            for c in CASES]
 
 
-@pytest.mark.parametrize("case", _conformance_cases(), ids=lambda c: c.id)
+@pytest.mark.parametrize("case", _conformance_cases())
 def test_solve_per_parameter_equals_solve_block_by_block(case):
     """``solve_per_parameter`` is ``solve`` in per-parameter form (the conformance suite holds
     ``solve`` to the explicit matrix); block-diagonal inverses also solve any block alone."""
