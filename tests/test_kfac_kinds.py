@@ -48,6 +48,7 @@ def test_norm_block_is_the_weighted_outer_product_of_per_example_gradients():
     torch.testing.assert_close(g, loop)
     coef = torch.rand(4, dtype=F64, generator=gen)
     block = kfac_kinds.norm_block_sum(g, coef, diagonal=False)
-    torch.testing.assert_close(block, sum(c * torch.outer(r, r) for c, r in zip(coef, loop, strict=True)))
+    expected = sum(c * torch.outer(r, r) for c, r in zip(coef, loop, strict=True))
+    torch.testing.assert_close(block, expected)
     torch.testing.assert_close(kfac_kinds.norm_block_sum(g, coef, diagonal=True),
                                torch.diagonal(block))
