@@ -357,3 +357,13 @@ def test_solve_per_parameter_equals_solve_block_by_block(case):
         split = next(b for b in blocks if len(b) > 1)
         with pytest.raises(ValueError, match="whole blocks"):
             inverse.solve_per_parameter({split[0]: pieces[split[0]]})
+
+
+def test_iter_pairwise_yields_the_score_blocks_in_order(gpt2_problem):
+    target, train, query, inverses = gpt2_problem
+    scorer = ik.Influence(target, inverses["KFAC"])
+    prepared = scorer.prepare_queries(query)
+    runtime = ik.Runtime(batch_size=4)
+    blocks = list(scorer.iter_pairwise(prepared, train, runtime))
+    assert [start for start, _ in blocks] == [0, 4, 8]
+    _close(torch.cat([b for _, b in blocks], dim=1), scorer.pairwise(query, train))

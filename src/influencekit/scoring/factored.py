@@ -506,13 +506,18 @@ class TokenScores:
         return self.tokens.sum(dim=-1) + self.rest
 
 
+def iter_pairwise_factored(queries: PreparedQueries, target: Target, train,
+                           runtime: Runtime):
+    """Yield ``(start, scores [n_query, B])`` per training batch, in data-set order."""
+    for part in iter_train_parts(queries, target, train, runtime):
+        total = queries.regularizer_total(part.terms[0].dtype, part.terms[0].device)[:, None]
+        yield part.start, total + sum(part.terms)
+
+
 def pairwise_factored(queries: PreparedQueries, target: Target, train,
                       runtime: Runtime) -> torch.Tensor:
     """``[n_query, n_train]`` scores of prepared queries (module docstring)."""
-    blocks = []
-    for part in iter_train_parts(queries, target, train, runtime):
-        total = queries.regularizer_total(part.terms[0].dtype, part.terms[0].device)[:, None]
-        blocks.append(total + sum(part.terms))
+    blocks = [b for _, b in iter_pairwise_factored(queries, target, train, runtime)]
     return torch.cat(blocks, dim=1)
 
 

@@ -44,6 +44,7 @@ from ..task.target import Target
 from .factored import (
     PreparedQueries,
     TokenScores,
+    iter_pairwise_factored,
     pairwise_factored,
     per_module_factored,
     prepare_queries,
@@ -159,6 +160,12 @@ class Influence:
                           runtime: Runtime | None = None) -> torch.Tensor:
         """Scores ``[n_query, n_train]`` of queries from :meth:`prepare_queries` (factored)."""
         return pairwise_factored(prepared, self.target, train, resolve_runtime(runtime))
+
+    def iter_pairwise(self, prepared: PreparedQueries, train, runtime: Runtime | None = None):
+        """Yield ``(start, scores [n_query, B])`` per training batch (factored), for callers
+        that keep a running top-k or write a store instead of holding ``[n_query, n_train]``."""
+        yield from iter_pairwise_factored(prepared, self.target, train,
+                                          resolve_runtime(runtime))
 
     def pairwise(self, query, train, runtime: Runtime | None = None) -> torch.Tensor:
         """Scores ``[n_query, n_train]``: s = g_qᵀ (C + λI)⁻¹ g_m (sign and scale: module doc).
