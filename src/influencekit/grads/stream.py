@@ -53,7 +53,7 @@ def iter_values_and_gradients(target, data, runtime: Runtime | None = None, *,
     reg_grad = regularizer_gradient(target, params) if include_regularizer else None
     what = "training data" if of == "loss" else "query data"
     for start, batch, _ in iter_batches(as_loader(data, runtime, what), runtime, dtype,
-                                        desc=desc):
+                                        desc=desc, check=target.batch_validator()):
         values, grads = engine(params, batch, of)
         flat = target.space.flatten(grads, batch_dims=1)
         check_finite(values, flat, start, of if isinstance(of, str) else "value")
