@@ -290,16 +290,19 @@ def check_weights(weights, n: int, runtime: Runtime | None = None) -> torch.Tens
 
 def iter_batches(loader: DataLoader, runtime: Runtime, dtype: torch.dtype | None,
                  weights: torch.Tensor | None = None, desc: str = "",
-                 check: Callable[[object, int], None] | None = None) -> Iterator:
+                 check: Callable[[object, int], None] | None = None,
+                 first: int = 0) -> Iterator:
     """Yield ``(start, batch, weights [B])`` with batches moved to the runtime's device and
-    floating tensors cast to ``dtype``; ``start`` is the position of the batch's first example.
+    floating tensors cast to ``dtype``; ``start`` is the position of the batch's first example
+    (``first`` + its position in the loader: ``first`` is where the loader's data begin in a
+    larger data set, e.g. a block of rows taken from it).
 
     ``check(batch, start)`` (e.g. ``target.batch_validator()``) is called on every batch before
     it is yielded. When the loop ends, the number of examples yielded must be the data set's
     length (a collate function that drops or adds examples is refused with
     :class:`~influencekit.errors.LoaderOrderError`).
     """
-    start = 0
+    start = first
     for batch in runtime.bar(loader, desc=desc, unit="batch"):
         size = batch_size(batch)
         batch = cast_batch(batch, dtype, runtime.device)
@@ -309,13 +312,13 @@ def iter_batches(loader: DataLoader, runtime: Runtime, dtype: torch.dtype | None
         if weights is None:
             w = torch.ones(size, dtype=wdtype, device=runtime.device)
         else:
-            w = weights[start:start + size].to(wdtype)
+            w = weights[start - first:start - first + size].to(wdtype)
         yield start, batch, w
         start += size
     expected = _length(loader.dataset)
-    if expected is not None and start != expected:
+    if expected is not None and start - first != expected:
         raise LoaderOrderError(
-            f"the loader yielded {start} examples but its data set holds {expected}: its "
+            f"the loader yielded {start - first} examples but its data set holds {expected}: its "
             "collate function (or data set) drops or adds examples, so positions do not match "
             "the data set. Return one row per example from collate_fn.")
 

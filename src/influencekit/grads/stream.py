@@ -19,12 +19,13 @@ def compute_dtype(target, runtime: Runtime) -> torch.dtype:
 
 def iter_gradients(target, data, runtime: Runtime | None = None, *,
                    of: Differentiated = "loss", params: dict[str, torch.Tensor] | None = None,
-                   include_regularizer: bool | None = None, desc: str = "gradients"):
+                   include_regularizer: bool | None = None, desc: str = "gradients",
+                   first: int = 0):
     """Yield ``(start, grads [B, p])`` in data-set order (see :func:`iter_values_and_gradients`).
     """
     for start, _, flat in iter_values_and_gradients(
             target, data, runtime, of=of, params=params,
-            include_regularizer=include_regularizer, desc=desc):
+            include_regularizer=include_regularizer, desc=desc, first=first):
         yield start, flat
 
 
@@ -32,8 +33,10 @@ def iter_values_and_gradients(target, data, runtime: Runtime | None = None, *,
                               of: Differentiated = "loss",
                               params: dict[str, torch.Tensor] | None = None,
                               include_regularizer: bool | None = None,
-                              desc: str = "gradients"):
-    """Yield ``(start, values [B], grads [B, p])`` in data-set order.
+                              desc: str = "gradients", first: int = 0):
+    """Yield ``(start, values [B], grads [B, p])`` in data-set order; ``start`` counts from
+    ``first`` (where ``data`` begins in a larger data set, e.g. a block of its rows), and so do
+    the positions named in errors.
 
     ``of="loss"``: training gradients ``g_m = ∇ℓ(z_m) + ∇R`` (the regulariser gradient is added
     to every row, as the conventions table prescribes for a weighted-mean loss);
@@ -53,7 +56,8 @@ def iter_values_and_gradients(target, data, runtime: Runtime | None = None, *,
     reg_grad = regularizer_gradient(target, params) if include_regularizer else None
     what = "training data" if of == "loss" else "query data"
     for start, batch, _ in iter_batches(as_loader(data, runtime, what), runtime, dtype,
-                                        desc=desc, check=target.batch_validator()):
+                                        desc=desc, check=target.batch_validator(),
+                                        first=first):
         values, grads = engine(params, batch, of)
         flat = target.space.flatten(grads, batch_dims=1)
         check_finite(values, flat, start, of if isinstance(of, str) else "value")

@@ -147,12 +147,14 @@ class BatchValidator:
         task.check_layout(batch)
         check_no_nan(batch, start)
         if first:
-            self._probe_outputs = self._probe(batch, start)
-        task.check_targets(read_targets(task, batch, start), self._probe_outputs, start)
+            self._probe_outputs = self._probe(batch, start)  # checks this batch's targets
+        else:
+            task.check_targets(read_targets(task, batch, start), self._probe_outputs, start)
 
     def _probe(self, batch, start: int) -> torch.Tensor:
-        """The model's outputs on the batch's first example alone (no gradients), with the
-        Task's loss and measurement shape-checked on them."""
+        """The model's outputs on the batch's first example alone (no gradients); the batch's
+        targets are checked against them, then the Task's loss and measurement on that example
+        are shape-checked."""
         target, task = self.target, self.target.task
         one = batch_rows(batch, slice(0, 1))
         with torch.no_grad():
@@ -168,7 +170,7 @@ class BatchValidator:
                 raise ModelCallError(
                     f"{type(task).__name__}.forward returned {got} for example {start}; it must "
                     "return the output tensor whose first dimension is the batch.", index=start)
-            task.check_targets(read_targets(task, one, start), outputs, start)
+            task.check_targets(read_targets(task, batch, start), outputs, start)
             for what, compute in (("loss", target.loss_from_outputs),
                                   ("measurement", target.measurement_from_outputs)):
                 try:

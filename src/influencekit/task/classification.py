@@ -88,9 +88,12 @@ def check_class_labels(name: str, labels, outputs: torch.Tensor, start: int) -> 
     if outputs.dim() != 2:
         raise TaskOutputShapeError(
             f"{name} reads logits [B, K] from the model, but it returns shape "
-            f"{list(outputs.shape)} for one example. For a single logit per example (binary), "
-            "output two logits (nn.Linear(d, 2)); otherwise override Task.forward to return "
-            "[B, K].")
+            f"{list(outputs.shape)} for one example; override Task.forward to return [B, K].")
+    if outputs.shape[-1] < 2:
+        raise TaskOutputShapeError(
+            f"{name} reads logits [B, K] of K >= 2 classes, but the model returns one logit per "
+            f"example (shape {list(outputs.shape)} for one example): cross-entropy over one "
+            "class is always 0. Output two logits (nn.Linear(d, 2)) for a binary problem.")
     if not isinstance(labels, torch.Tensor):
         raise LabelError(f"{name} needs the labels as a tensor of class indices [B], got "
                          f"{type(labels).__name__} (batch starting at example {start}).",
