@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ def _inverse_case(root: Path, method, target, train) -> StoreCase:
     ik.storage.save_inverse(root / name, method(damping=1e-3).fit(curvature))
     # the twin differs only by damping: its fitted tensors are the same numbers
     ik.storage.save_inverse(root / f"{name}-twin", method(damping=3e-3).fit(curvature))
+    # (both fits warn that the MLP is not at a minimiser: irrelevant to the stores)
     grads = torch.randn(3, target.num_params, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1))
 
@@ -113,10 +115,64 @@ def _results_cases(root: Path) -> list[StoreCase]:
     ]
 
 
+def _score_cases(root: Path) -> list[StoreCase]:
+    """A complete score store written by stream_scores (the fault worker's problem), its twin
+    (the same problem scored with other damping), and partial stores of two partitions."""
+    problem = workers.score_problem(48)
+    influence, train, query = problem
+    twin = (ik.Influence(influence.target, influence.inverse.clone(damping=3e-2).fit(
+        ik.Curvature(influence.target, train), stationarity=False)), train, query)
+    for folder, prob in ((root / "scores", problem), (root / "scores-twin", twin)):
+        workers.stream_scores(folder, n_train=48, problem=prob)
+        for i in (0, 1):
+            workers.stream_scores(root / f"{folder.name}-part{i}", n_train=48,
+                                  partition=f"{i}/2", problem=prob)
+
+    def read(folder):
+        store = ik.storage.ScoreStore.load(folder)
+        return store.done(), store.scores().numpy(), store.manifest
+
+    def resume(folder):
+        result = ik.stream_scores(influence, query, train, k=3, store=folder, block_size=6,
+                                  runtime=ik.Runtime(progress=False))
+        top = result.top_k
+        return (top.helpful_indices, top.helpful_scores, top.harmful_scores,
+                result.store.scores().numpy(), result.blocks_computed)
+
+    def merge(folder):
+        with tempfile.TemporaryDirectory() as out:
+            merged = ik.storage.merge_score_stores([folder, root / "scores-part1"],
+                                                   Path(out) / "merged")
+            return merged.scores().numpy(), merged.manifest
+
+    def same_arrays(a, b):
+        return all(_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    files = ("manifest.json", "scores.npy", "checksums.npy")
+    return [
+        StoreCase("ScoreStore.load().scores()", root / "scores", root / "scores-twin", files,
+                  read, same_arrays),
+        StoreCase("stream_scores (resume, top-k)", root / "scores", root / "scores-twin", files,
+                  resume, same_arrays),
+        StoreCase("merge_score_stores (partition 0/2)", root / "scores-part0",
+                  root / "scores-twin-part0", files, merge, same_arrays),
+    ]
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape \
+            and a.tobytes() == b.tobytes()
+    return a == b
+
+
 def build_cases(root: Path) -> list[StoreCase]:
     target, train = _mlp_problem()
     return [_inverse_case(root, ik.Exact, target, train),
-            _inverse_case(root, ik.EKFAC, target, train), *_results_cases(root)]
+            _inverse_case(root, ik.EKFAC, target, train), *_results_cases(root),
+            *_score_cases(root)]
 
 
 # -- the corruptions ------------------------------------------------------------------------------
@@ -160,7 +216,9 @@ def run_corruptions(positions: int = 40, root: Path | None = None) -> list[dict]
     own = root is None
     root = Path(tempfile.mkdtemp(prefix="ik-reliability-")) if own else Path(root)
     try:
-        cases = build_cases(root / "stores")
+        with warnings.catch_warnings():  # the fits warn that the MLP is not at a minimiser
+            warnings.simplefilter("ignore")
+            cases = build_cases(root / "stores")
         rng = np.random.default_rng(0)
         rows = []
         for case in cases:

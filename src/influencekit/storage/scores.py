@@ -143,7 +143,8 @@ class ScoreStore:
             return
         stored, wanted = _lookup(self.manifest, path), _lookup(manifest, path)
         raise StoreError(
-            f"the score store {self.folder} was made by another run: its {'.'.join(path)} is "
+            f"the score store {self.folder} was made by another run (see its {MANIFEST}): its "
+            f"{'.'.join(path)} is "
             f"{_short(stored)}, this run has {_short(wanted)}{_hint(path)}. Use another folder, "
             "or delete this one to discard its scores.")
 
@@ -513,7 +514,8 @@ def merge_score_stores(parts: Sequence, folder) -> ScoreStore:
         path = first_difference(_without_partition(first.manifest), shared)
         if path is not None:
             raise StoreError(
-                f"{store.folder} and {first.folder} belong to different runs: their "
+                f"{store.folder} and {first.folder} belong to different runs (their "
+                f"{MANIFEST} files differ): their "
                 f"{'.'.join(path)} is {_short(_lookup(store.manifest, path))} vs "
                 f"{_short(_lookup(first.manifest, path))}{_hint(path)}; merge only the "
                 "partitions of one run.")
