@@ -1,7 +1,7 @@
 """The corruption campaign of benchmarks/reliability.py: every stored file type (inverse stores,
 results arrays, score stores) x every kind of corruption; no load may return different content,
-and every refusal is an InfluenceKitError that names the corrupted file. Reduced (4 bit positions per file) in the default suite, the
-full 40 positions in the slow suite."""
+and every refusal is an InfluenceKitError that names the corrupted file. Reduced (4 bit
+positions per file) in the default suite, the full 40 positions in the slow suite."""
 
 from __future__ import annotations
 

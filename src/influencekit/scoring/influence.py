@@ -53,10 +53,10 @@ class Influence:
         shapes and, unless ``allow_other_model``, parameter values)."""
         self.inverse.check_target(self.target, self.allow_other_model)
 
-    def _train_stream(self, train, runtime, desc):
+    def _train_stream(self, train, runtime, desc, reuse=False):
         """``(start, g_m [B, p])`` with or without ∇R (``include_regularizer``)."""
         yield from iter_gradients(self.target, train, runtime, of="loss", desc=desc,
-                                  include_regularizer=self.include_regularizer)
+                                  include_regularizer=self.include_regularizer, reuse=reuse)
 
     @property
     def n_train(self) -> float:
@@ -88,7 +88,7 @@ class Influence:
         runtime = resolve_runtime(runtime)
         pre = self.precondition(query, runtime)
         blocks = [pre @ g.to(pre.dtype).T
-                  for _, g in self._train_stream(train, runtime, "scoring train")]
+                  for _, g in self._train_stream(train, runtime, "scoring train", reuse=True)]
         return torch.cat(blocks, dim=1)
 
     def pairwise_per_module(self, query, train, runtime: Runtime | None = None
@@ -106,7 +106,7 @@ class Influence:
         pre = self.precondition(query, runtime)
         groups = module_positions(self.target.space)
         blocks = {name: [] for name in groups}
-        for _, g in self._train_stream(train, runtime, "scoring train per module"):
+        for _, g in self._train_stream(train, runtime, "scoring train per module", reuse=True):
             g = g.to(pre.dtype)
             for name, idx in groups.items():
                 blocks[name].append(pre[:, idx] @ g[:, idx].T)
@@ -116,7 +116,7 @@ class Influence:
         """g_mᵀ (C + λI)⁻¹ g_m for each training example, ``[n_train]``."""
         self._check()
         out = []
-        for _, g in self._train_stream(train, runtime, "self-influence"):
+        for _, g in self._train_stream(train, runtime, "self-influence", reuse=True):
             out.append((self.inverse.solve(g, runtime) * g).sum(dim=1))
         return torch.cat(out)
 
