@@ -54,7 +54,8 @@ class DictDataset(Dataset):
     (``{"input_ids": [n, T], "attention_mask": [n, T], "labels": [n]}``)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
-        check_example_dimension({repr(k): t for k, t in tensors.items()}, "dict data set")
+        check_example_dimension({f"tensor {k!r}": t for k, t in tensors.items()},
+                                "dict data set")
         self.tensors = dict(tensors)
 
     def __len__(self) -> int:
@@ -84,12 +85,12 @@ def check_example_dimension(tensors: dict[str, torch.Tensor], what: str) -> int:
     scalar = [name for name, t in tensors.items() if t.dim() == 0]
     if scalar:
         raise BatchLayoutError(
-            f"the {what} tensor {scalar[0]} is 0-dimensional: every tensor needs a first "
+            f"the {what} holds a 0-dimensional tensor ({scalar[0]}): every tensor needs a first "
             "dimension that runs over the examples. For a single example add it to every "
             "tensor: (x.unsqueeze(0), y.unsqueeze(0)), i.e. x[None], y[None].")
     sizes = {name: int(t.shape[0]) for name, t in tensors.items()}
     if len(set(sizes.values())) != 1:
-        shapes = ", ".join(f"{name}: {list(t.shape)}" for name, t in tensors.items())
+        shapes = ", ".join(f"{name} has shape {list(t.shape)}" for name, t in tensors.items())
         raise BatchLayoutError(
             f"the {what} tensors disagree on the number of examples (their first dimension): "
             f"{shapes}. Give every tensor the same first dimension; a single example needs a "
@@ -102,8 +103,7 @@ def as_dataset(data, what: str = "data set") -> Dataset:
     if isinstance(data, DataLoader):
         return data.dataset
     if _is_tensor_tuple(data):
-        check_example_dimension({f"{i} (shape {list(t.shape)})": t for i, t in enumerate(data)},
-                                what)
+        check_example_dimension({f"tensor {i}": t for i, t in enumerate(data)}, what)
         return TensorDataset(*data)
     if _is_tensor_dict(data):
         return DictDataset(data)

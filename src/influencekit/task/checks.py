@@ -99,15 +99,21 @@ def running_stat_buffers(model: nn.Module) -> set[str]:
 
 
 def _fields(value, path: str = ""):
-    """``(path, tensor)`` of every tensor inside a batch (tuple positions, dict keys)."""
+    """``(path, tensor)`` of every tensor inside a batch: ``""`` for a bare tensor, else the
+    indexing that reaches it (``[0]``, ``['input_ids']``)."""
     if isinstance(value, torch.Tensor):
-        yield path or "the batch", value
+        yield path, value
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _fields(item, f"{path}[{key!r}]" if path else repr(key))
+            yield from _fields(item, f"{path}[{key!r}]")
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            yield from _fields(item, f"{path}[{i}]" if path else f"field {i}")
+            yield from _fields(item, f"{path}[{i}]")
+
+
+def _where(path: str, whole: str) -> str:
+    """Words for a field found by :func:`_fields` (``whole`` names a bare tensor)."""
+    return f"{whole}{path}" if path else whole
 
 
 def check_no_nan(batch, start: int) -> None:
@@ -121,9 +127,9 @@ def check_no_nan(batch, start: int) -> None:
         if bad.any():
             i = int(bad.nonzero()[0, 0])
             raise NonFiniteError(
-                f"{path} of example {start + i} holds NaN. Fix or remove that example "
-                "(torch.utils.data.Subset of the others) before computing influence.",
-                index=start + i)
+                f"example {start + i} holds NaN (in {_where(path, 'batch')}). Fix or remove "
+                "that example (torch.utils.data.Subset of the others) before computing "
+                "influence.", index=start + i)
 
 
 class BatchValidator:
@@ -226,8 +232,9 @@ def _call_error(target, one, start: int, exc: Exception) -> InfluenceKitError:
     if integer and floating and _DTYPE_MESSAGE.search(str(exc)):
         path, tensor = integer[0]
         dtype = str(tensor.dtype).replace("torch.", "")
+        where = "the model's input" if not path else f"the model input at {path}"
         return InputDtypeError(
-            f"the model input {path} of example {start} is {dtype} (integers) but the model "
+            f"{where} of example {start} is {dtype} (integers) but the model "
             f"computes in floating point ({str(exc).splitlines()[0]}). "
             "Convert the features to a floating dtype (x.float(), or x.double()) before passing "
             "them; influencekit casts floating inputs to the compute dtype and leaves integer "
@@ -246,5 +253,5 @@ def _call_error(target, one, start: int, exc: Exception) -> InfluenceKitError:
 def _describe_inputs(inputs) -> str:
     if isinstance(inputs, torch.Tensor):
         return f"a {_describe(inputs)} (one example)"
-    parts = [f"{path}: {_describe(t)}" for path, t in _fields(inputs)]
+    parts = [f"{_where(path, 'inputs')}: {_describe(t)}" for path, t in _fields(inputs)]
     return "{" + ", ".join(parts) + "} (one example)"
