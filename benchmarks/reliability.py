@@ -490,6 +490,22 @@ def corruption_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def corruption_summary(rows: list[dict]) -> str:
+    """One line per (store, file): refused / tried for each kind, then silent and other."""
+    order = list(dict.fromkeys((r["store"], r["file"]) for r in rows))
+    cells = {(r["store"], r["file"], r["kind"]): r for r in rows}
+    head = ("| store (loaded with) | file | truncate | bit flip | append | delete | swap | "
+            "silent | other |")
+    lines = [head, "|" + " --- |" * 9]
+    for store, file in order:
+        parts = [cells.get((store, file, kind)) for kind in KINDS]
+        shown = [f"{c['refused']}/{c['trials']}" if c else "-" for c in parts]
+        silent = sum(c["silent"] for c in parts if c)
+        other = sum(c["other"] for c in parts if c)
+        lines.append(f"| {store} | {file} | {' | '.join(shown)} | {silent} | {other} |")
+    return "\n".join(lines)
+
+
 def fault_table(rows: list[dict]) -> str:
     keys = ("scenario", "seed", "runs", "kills", "crashed", "rows_lost", "rows_wrong",
             "unreadable_after_a_run", "final_identical")
@@ -531,6 +547,7 @@ def main():
         return
     sections = []
     if corruption_rows:
+        sections.append(corruption_summary(corruption_rows))
         sections.append(corruption_table(corruption_rows))
         for r in corruption_rows:
             for example in r["examples"]:
