@@ -24,6 +24,7 @@ from influencekit.grads import DictDataset, as_loader, collate, iter_batches, ta
 
 FAST = settings(max_examples=10, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(FAST, max_examples=150)
 F64 = torch.float64
 CONTAINERS = ("tuple", "dict", "TensorDataset", "DictDataset", "DataLoader", "dict DataLoader")
 
@@ -69,14 +70,30 @@ def _fit_and_score(target, train, query, weights, runtime):
     return ik.Influence(target, inverse).pairwise(query, train, runtime)
 
 
+SCORE_CASES = dict(seed=st.integers(0, 1000), n=st.integers(1, 13), d=st.integers(1, 4),
+                   classes=st.integers(2, 4), batch=st.integers(1, 14),
+                   train_kind=st.sampled_from(CONTAINERS),
+                   query_kind=st.sampled_from(CONTAINERS),
+                   dtype=st.sampled_from([torch.float64, torch.float32]),
+                   weighted=st.booleans())
+ROUND_TRIPS = dict(seed=st.integers(0, 1000), n=st.integers(1, 12), batch=st.integers(1, 5),
+                   kind=st.sampled_from(CONTAINERS), data=st.data())
+
+
 @FAST
-@given(seed=st.integers(0, 1000), n=st.integers(1, 13), d=st.integers(1, 4),
-       classes=st.integers(2, 4), batch=st.integers(1, 14),
-       train_kind=st.sampled_from(CONTAINERS), query_kind=st.sampled_from(CONTAINERS),
-       dtype=st.sampled_from([torch.float64, torch.float32]), weighted=st.booleans())
-def test_scores_do_not_depend_on_container_batch_size_or_dtype(seed, n, d, classes, batch,
-                                                               train_kind, query_kind, dtype,
-                                                               weighted):
+@given(**SCORE_CASES)
+def test_scores_do_not_depend_on_container_batch_size_or_dtype(**case):
+    _check_scores(**case)
+
+
+@pytest.mark.slow
+@SLOW
+@given(**SCORE_CASES)
+def test_scores_do_not_depend_on_container_batch_size_or_dtype_many(**case):
+    _check_scores(**case)
+
+
+def _check_scores(seed, n, d, classes, batch, train_kind, query_kind, dtype, weighted):
     target, x, y = _problem(seed, n, d, classes)
     weights = (torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64) + 0.1
                if weighted else None)
@@ -102,9 +119,19 @@ def _rows(data):
 
 
 @FAST
-@given(seed=st.integers(0, 1000), n=st.integers(1, 12), batch=st.integers(1, 5),
-       kind=st.sampled_from(CONTAINERS), data=st.data())
-def test_take_and_collate_round_trip(seed, n, batch, kind, data):
+@given(**ROUND_TRIPS)
+def test_take_and_collate_round_trip(**case):
+    _check_round_trip(**case)
+
+
+@pytest.mark.slow
+@SLOW
+@given(**ROUND_TRIPS)
+def test_take_and_collate_round_trip_many(**case):
+    _check_round_trip(**case)
+
+
+def _check_round_trip(seed, n, batch, kind, data):
     _, x, y = _problem(seed, n, 2, 3)
     first = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=2 * n))
     second = data.draw(st.lists(st.integers(0, len(first) - 1), min_size=1, max_size=6))
