@@ -186,15 +186,27 @@ N_TRAIN = 120  # 20 blocks of 6
 
 
 @pytest.fixture(scope="module")
-def score_reference(zygote, tmp_path_factory):
-    """``(done, blocks, seconds)`` of one uninterrupted stream_scores worker run."""
-    store = tmp_path_factory.mktemp("scores") / "store"
-    run = run_once(workers.command("stream_scores", store, "--train", N_TRAIN), env=ENV,
-                   launcher=zygote)
-    assert run.returncode == 0, run.output
-    done, blocks = workers.score_store_state(store)
-    assert done.all()
-    return blocks, run.seconds
+def score_runs(zygote, tmp_path_factory):
+    """``get(n_train) -> (blocks, seconds)``: one uninterrupted stream_scores worker run."""
+    cache = {}
+
+    def get(n_train):
+        if n_train not in cache:
+            store = tmp_path_factory.mktemp("scores") / "store"
+            run = run_once(workers.command("stream_scores", store, "--train", n_train),
+                           env=ENV, launcher=zygote)
+            assert run.returncode == 0, run.output
+            done, blocks = workers.score_store_state(store)
+            assert done.all()
+            cache[n_train] = blocks, run.seconds
+        return cache[n_train]
+    return get
+
+
+@pytest.fixture(scope="module")
+def score_reference(score_runs):
+    """``(blocks, seconds)`` of the default suite's score problem (20 blocks)."""
+    return score_runs(N_TRAIN)
 
 
 def test_uninterrupted_score_worker_matches_pairwise(score_reference):
@@ -219,11 +231,11 @@ def _assert_scores_final(store, blocks):
                                                        "scores.npy"]
 
 
-def _score_kill_campaign(tmp_path, seed, kills, launcher, score_reference):
+def _score_kill_campaign(tmp_path, seed, kills, launcher, score_reference, n_train=N_TRAIN):
     blocks, seconds = score_reference
     store = tmp_path / f"scores{seed}"
     ledger = _score_ledger(store, blocks)
-    report = kill_and_resume(workers.command("stream_scores", store, "--train", N_TRAIN),
+    report = kill_and_resume(workers.command("stream_scores", store, "--train", n_train),
                              kills=kills, seed=seed,
                              progress=lambda: ScoreStore.blocks_done(store), total=len(blocks),
                              unit_seconds=seconds / len(blocks), env=ENV, after_each=ledger,
@@ -273,6 +285,8 @@ def test_two_partitions_written_at_once_then_merged(tmp_path, zygote, score_refe
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-def test_many_kills_of_score_runs_resume_bit_identical(tmp_path, seed, zygote, score_reference):
-    report = _score_kill_campaign(tmp_path, seed, 10, zygote, score_reference)
-    assert report.kills >= 8
+def test_many_kills_of_score_runs_resume_bit_identical(tmp_path, seed, zygote, score_runs):
+    """40 blocks; a kill aimed at the last blocks may come after the run ended (the benchmark
+    saw 44 of 50 land), so at least 6 of 10 must land."""
+    report = _score_kill_campaign(tmp_path, seed, 10, zygote, score_runs(240), n_train=240)
+    assert report.kills >= 6
