@@ -252,8 +252,13 @@ class ScoreStore:
             self._write_record(qi, ti, bytes(RECORD_BYTES))
         data = np.ascontiguousarray(_encode(scores, self.manifest["dtype"]))
         fd = self._fd(SCORES)
-        for r, row in zip(rows, data, strict=True):
-            pwrite_all(fd, row.tobytes(), self._score_offset(r, cols.start))
+        offset = self._score_offset(rows.start, cols.start)
+        stride = len(self.columns) * self._itemsize
+        if len(cols) == len(self.columns):  # whole rows: one contiguous write
+            pwrite_all(fd, data.tobytes(), offset)
+        else:
+            for i, row in enumerate(data):
+                pwrite_all(fd, row.tobytes(), offset + i * stride)
         self._pending[(qi, ti)] = self._digest(qi, ti, data.tobytes())
         if time.monotonic() - self._last_commit >= self.commit_seconds:
             self.commit()
