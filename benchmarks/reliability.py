@@ -20,9 +20,19 @@ seed and resumed, and two workers write the even and odd rows of one store at on
 them killed at a random point, then both resumed); every run is checked for lost, changed or
 wrong rows and the final array against an uninterrupted run, bit for bit.
 
+Bad inputs (``--bad-inputs``): every case of :mod:`influencekit.testing.bad_inputs` is tried
+as a user would and its outcome printed as a table (the error class, whether it is the expected
+one with every expected fragment and example position, and the message).
+
+Stationarity overhead (``--fit-overhead``): the time of ``inverse.fit(..., stationarity=False)``
+and of the check it skips, best of 5 each, on an MLP, same run.
+
     PYTHONPATH=src python benchmarks/reliability.py [--positions 40] [--json]
     PYTHONPATH=src python benchmarks/reliability.py --no-corruptions --faults 5 [--kills 10]
         [--fresh 1]
+    PYTHONPATH=src python benchmarks/reliability.py --no-corruptions --bad-inputs
+    PYTHONPATH=src python benchmarks/reliability.py --no-corruptions --fit-overhead
+    PYTHONPATH=src python benchmarks/reliability.py --all   # everything in RELIABILITY.md
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +54,7 @@ from torch import nn
 
 import influencekit as ik
 from influencekit.errors import InfluenceKitError
-from influencekit.testing import faults, workers
+from influencekit.testing import bad_inputs, faults, workers
 
 KINDS = ("truncate", "bitflip", "append", "delete", "swap")
 
@@ -76,6 +87,7 @@ def _inverse_case(root: Path, method, target, train) -> StoreCase:
     ik.storage.save_inverse(root / name, method(damping=1e-3).fit(curvature))
     # the twin differs only by damping: its fitted tensors are the same numbers
     ik.storage.save_inverse(root / f"{name}-twin", method(damping=3e-3).fit(curvature))
+    # (both fits warn that the MLP is not at a minimiser: irrelevant to the stores)
     grads = torch.randn(3, target.num_params, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1))
 
@@ -113,10 +125,64 @@ def _results_cases(root: Path) -> list[StoreCase]:
     ]
 
 
+def _score_cases(root: Path) -> list[StoreCase]:
+    """A complete score store written by stream_scores (the fault worker's problem), its twin
+    (the same problem scored with other damping), and partial stores of two partitions."""
+    problem = workers.score_problem(48)
+    influence, train, query = problem
+    twin = (ik.Influence(influence.target, influence.inverse.clone(damping=3e-2).fit(
+        ik.Curvature(influence.target, train), stationarity=False)), train, query)
+    for folder, prob in ((root / "scores", problem), (root / "scores-twin", twin)):
+        workers.stream_scores(folder, n_train=48, problem=prob)
+        for i in (0, 1):
+            workers.stream_scores(root / f"{folder.name}-part{i}", n_train=48,
+                                  partition=f"{i}/2", problem=prob)
+
+    def read(folder):
+        store = ik.storage.ScoreStore.load(folder)
+        return store.done(), store.scores().numpy(), store.manifest
+
+    def resume(folder):
+        result = ik.stream_scores(influence, query, train, k=3, store=folder, block_size=6,
+                                  runtime=ik.Runtime(progress=False))
+        top = result.top_k
+        return (top.helpful_indices, top.helpful_scores, top.harmful_scores,
+                result.store.scores().numpy(), result.blocks_computed)
+
+    def merge(folder):
+        with tempfile.TemporaryDirectory() as out:
+            merged = ik.storage.merge_score_stores([folder, root / "scores-part1"],
+                                                   Path(out) / "merged")
+            return merged.scores().numpy(), merged.manifest
+
+    def same_arrays(a, b):
+        return all(_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    files = ("manifest.json", "scores.npy", "checksums.npy")
+    return [
+        StoreCase("ScoreStore.load().scores()", root / "scores", root / "scores-twin", files,
+                  read, same_arrays),
+        StoreCase("stream_scores (resume, top-k)", root / "scores", root / "scores-twin", files,
+                  resume, same_arrays),
+        StoreCase("merge_score_stores (partition 0/2)", root / "scores-part0",
+                  root / "scores-twin-part0", files, merge, same_arrays),
+    ]
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape \
+            and a.tobytes() == b.tobytes()
+    return a == b
+
+
 def build_cases(root: Path) -> list[StoreCase]:
     target, train = _mlp_problem()
     return [_inverse_case(root, ik.Exact, target, train),
-            _inverse_case(root, ik.EKFAC, target, train), *_results_cases(root)]
+            _inverse_case(root, ik.EKFAC, target, train), *_results_cases(root),
+            *_score_cases(root)]
 
 
 # -- the corruptions ------------------------------------------------------------------------------
@@ -160,7 +226,9 @@ def run_corruptions(positions: int = 40, root: Path | None = None) -> list[dict]
     own = root is None
     root = Path(tempfile.mkdtemp(prefix="ik-reliability-")) if own else Path(root)
     try:
-        cases = build_cases(root / "stores")
+        with warnings.catch_warnings():  # the fits warn that the MLP is not at a minimiser
+            warnings.simplefilter("ignore")
+            cases = build_cases(root / "stores")
         rng = np.random.default_rng(0)
         rows = []
         for case in cases:
@@ -259,6 +327,154 @@ def _fault_row(scenario, seed, runs, ledger, store, reference) -> dict:
             "unreadable_after_a_run": len(ledger.unreadable), "final_identical": identical}
 
 
+def run_score_faults(seeds: int = 5, kills: int = 10, n_train: int = 240) -> list[dict]:
+    """The stream_scores worker: kill-and-resume per seed; two ranks of one store at once (one
+    killed, then both resumed); two partitions at once, then merged."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ik-faults-") as tmp, \
+            faults.Zygote(env=env) as zygote:
+        tmp = Path(tmp)
+        plain = faults.run_once(workers.command("stream_scores", tmp / "uninterrupted",
+                                                "--train", n_train), launcher=zygote)
+        if plain.returncode != 0:
+            raise RuntimeError(f"the uninterrupted run failed:\n{plain.output}")
+        reference = workers.score_store_state(tmp / "uninterrupted")[1]
+        n_blocks = len(reference)
+        for seed in range(seeds):
+            store = tmp / f"kill{seed}"
+            ledger = faults.RowLedger(lambda store=store: workers.score_store_state(store),
+                                      reference)
+            report = faults.kill_and_resume(
+                workers.command("stream_scores", store, "--train", n_train), kills=kills,
+                seed=seed, after_each=ledger, launcher=zygote, env=env,
+                progress=lambda store=store: ik.storage.ScoreStore.blocks_done(store),
+                total=n_blocks, unit_seconds=plain.seconds / n_blocks)
+            rows.append(_score_fault_row("score store: kill and resume", seed, report.runs,
+                                         ledger, store, reference))
+        rng = np.random.default_rng(0)
+        for seed in range(seeds):
+            store = tmp / f"ranks{seed}"
+            ledger = faults.RowLedger(lambda store=store: workers.score_store_state(store),
+                                      reference)
+            argvs = [workers.command("stream_scores", store, "--train", n_train, "--rank", r,
+                                     "--ranks", 2) for r in (0, 1)]
+            runs = faults.run_concurrently(
+                argvs, kill_after=[float(rng.uniform(0, plain.seconds / 2)), None],
+                launcher=zygote)
+            ledger()
+            runs += faults.run_concurrently(argvs, launcher=zygote)
+            ledger()
+            rows.append(_score_fault_row("score store: two ranks at once, one killed", seed,
+                                         runs, ledger, store, reference))
+        for seed in range(seeds):
+            parts = [tmp / f"part{seed}-{i}" for i in (0, 1)]
+            argvs = [workers.command("stream_scores", part, "--train", n_train, "--partition",
+                                     f"{i}/2") for i, part in enumerate(parts)]
+            runs = faults.run_concurrently(  # a partition is half the work: kill early
+                argvs, kill_after=[float(rng.uniform(0, plain.seconds / 4)), None],
+                launcher=zygote)
+            runs += faults.run_concurrently(argvs, launcher=zygote)
+            merged = tmp / f"merged{seed}"
+            ledger = faults.RowLedger(lambda merged=merged: workers.score_store_state(merged),
+                                      reference)
+            try:
+                ik.storage.merge_score_stores(parts, merged)
+            except InfluenceKitError as exc:
+                ledger.unreadable.append((len(runs), str(exc)))
+            ledger()
+            rows.append(_score_fault_row("score store: two partitions at once (one killed), "
+                                         "resumed, merged", seed, runs, ledger, merged,
+                                         reference))
+    return rows
+
+
+def _score_fault_row(scenario, seed, runs, ledger, store, reference) -> dict:
+    try:
+        done, blocks = workers.score_store_state(store)
+        identical = bool(done.all()) and all(a.tobytes() == b.tobytes()
+                                             for a, b in zip(blocks, reference, strict=True))
+    except (InfluenceKitError, TypeError):
+        identical = False
+    return {"scenario": scenario, "seed": seed, "runs": len(runs),
+            "kills": sum(r.killed for r in runs),
+            "crashed": sum(r.returncode not in (0, -9) for r in runs),
+            "rows_lost": len(ledger.lost), "rows_wrong": len(ledger.wrong),
+            "unreadable_after_a_run": len(ledger.unreadable), "final_identical": identical}
+
+
+# -- bad inputs and the cost of the stationarity check ------------------------------------------
+def run_bad_inputs() -> list[dict]:
+    """One row per case of the bad-input catalogue."""
+    rows = []
+    for case in bad_inputs.cases():
+        outcome = bad_inputs.try_case(case)
+        rows.append({"group": case.group, "input": case.name, "raised": outcome.raised,
+                     "expected": case.error.__name__, "ok": outcome.ok,
+                     "index": outcome.index, "message": outcome.message})
+    return rows
+
+
+def bad_input_table(rows: list[dict]) -> str:
+    lines = ["| bad input | error | as expected | message |", "|" + " --- |" * 4]
+    for r in rows:
+        message = r["message"].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {r['input']} | `{r['raised']}` | {'yes' if r['ok'] else '**NO**'} | "
+                     f"{message} |")
+    ok = sum(r["ok"] for r in rows)
+    lines.append(f"| **{len(rows)} bad inputs** | | **{ok} as expected** | |")
+    return "\n".join(lines)
+
+
+def run_fit_overhead(repeats: int = 5) -> list[dict]:
+    """The time of ``inverse.fit(..., stationarity=False)`` and of the stationarity check alone
+    (:func:`influencekit.diagnostics.fit_stationarity`: one gradient pass and one solve), best
+    of ``repeats`` each; an MLP 64-128-10 on 2048 examples (EKFAC on all 9610 parameters, Exact
+    on the last layer's 1290)."""
+    import time
+
+    from influencekit.diagnostics import fit_stationarity
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 64, generator=gen)
+    y = torch.randint(0, 10, (2048,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10)).eval()
+    runtime = ik.Runtime(batch_size=256, progress=False)
+    setups = {
+        "EKFAC (all layers)": (lambda: ik.EKFAC(damping=1e-3),
+                               ik.Target(model, ik.ClassificationTask())),
+        "Exact (last layer)": (lambda: ik.Exact(damping=1e-3),
+                               ik.Target(model, ik.ClassificationTask(), params=["2"])),
+    }
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    rows = []
+    for name, (make, target) in setups.items():
+        curvature = ik.Curvature(target, (x, y))
+        inverse = make().fit(curvature, runtime, stationarity=False)
+        fit = best(lambda make=make, c=curvature: make().fit(c, runtime, stationarity=False))
+        check = best(lambda c=curvature, inv=inverse: fit_stationarity(c, inv, runtime))
+        rows.append({"method": name, "p": target.num_params, "fit_s": fit, "check_s": check,
+                     "ratio": check / fit})
+    return rows
+
+
+def fit_overhead_table(rows: list[dict]) -> str:
+    lines = ["| method | p | fit without the check (s) | the check (s) | check / fit |",
+             "|" + " --- |" * 5]
+    lines += [f"| {r['method']} | {r['p']} | {r['fit_s']:.3f} | {r['check_s']:.3f} | "
+              f"{r['ratio']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
 # -- report ---------------------------------------------------------------------------------------
 def corruption_table(rows: list[dict]) -> str:
     head = "| store | file | kind | trials | refused | names file | same | silent | other |"
@@ -271,6 +487,22 @@ def corruption_table(rows: list[dict]) -> str:
                                                      "silent", "other")}
     lines.append(f"| **all** | | | {total['trials']} | {total['refused']} | {total['named']} | "
                  f"{total['same']} | {total['silent']} | {total['other']} |")
+    return "\n".join(lines)
+
+
+def corruption_summary(rows: list[dict]) -> str:
+    """One line per (store, file): refused / tried for each kind, then silent and other."""
+    order = list(dict.fromkeys((r["store"], r["file"]) for r in rows))
+    cells = {(r["store"], r["file"], r["kind"]): r for r in rows}
+    head = ("| store (loaded with) | file | truncate | bit flip | append | delete | swap | "
+            "silent | other |")
+    lines = [head, "|" + " --- |" * 9]
+    for store, file in order:
+        parts = [cells.get((store, file, kind)) for kind in KINDS]
+        shown = [f"{c['refused']}/{c['trials']}" if c else "-" for c in parts]
+        silent = sum(c["silent"] for c in parts if c)
+        other = sum(c["other"] for c in parts if c)
+        lines.append(f"| {store} | {file} | {' | '.join(shown)} | {silent} | {other} |")
     return "\n".join(lines)
 
 
@@ -290,25 +522,44 @@ def main():
     parser.add_argument("--fresh", type=int, default=0,
                         help="extra seeds whose runs are fresh interpreters (no zygote)")
     parser.add_argument("--no-corruptions", action="store_true")
+    parser.add_argument("--bad-inputs", action="store_true", help="the bad-input table")
+    parser.add_argument("--fit-overhead", action="store_true",
+                        help="time of fit with and without the stationarity check")
+    parser.add_argument("--all", action="store_true",
+                        help="everything RELIABILITY.md reports: corruptions (40 positions), "
+                             "faults (5 seeds x 10 kills, 1 fresh), bad inputs, fit overhead")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     args = parser.parse_args()
+    if args.all:
+        args.faults, args.fresh, args.bad_inputs, args.fit_overhead = 5, 1, True, True
+        args.no_corruptions = False
     torch.set_num_threads(1)
     corruption_rows = [] if args.no_corruptions else run_corruptions(args.positions)
-    fault_rows = (run_faults(args.faults, args.kills, fresh=args.fresh)
-                  if args.faults or args.fresh else [])
+    fault_rows = []
+    if args.faults or args.fresh:
+        fault_rows = (run_faults(args.faults, args.kills, fresh=args.fresh)
+                      + run_score_faults(args.faults, args.kills))
+    bad_rows = run_bad_inputs() if args.bad_inputs else []
+    overhead_rows = run_fit_overhead() if args.fit_overhead else []
     if args.json:
-        for row in corruption_rows + fault_rows:
+        for row in corruption_rows + fault_rows + bad_rows + overhead_rows:
             print(json.dumps(row))
         return
+    sections = []
     if corruption_rows:
-        print(corruption_table(corruption_rows))
+        sections.append(corruption_summary(corruption_rows))
+        sections.append(corruption_table(corruption_rows))
         for r in corruption_rows:
             for example in r["examples"]:
                 print(f"  {r['store']} / {r['file']} / {r['kind']}: {example}",
                       file=sys.stderr)
     if fault_rows:
-        print()
-        print(fault_table(fault_rows))
+        sections.append(fault_table(fault_rows))
+    if bad_rows:
+        sections.append(bad_input_table(bad_rows))
+    if overhead_rows:
+        sections.append(fit_overhead_table(overhead_rows))
+    print("\n\n".join(sections))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def test_task_returning_wrong_shape():
             return nn.functional.cross_entropy(outputs, targets)  # mean over the batch: wrong
 
     target = ik.Target(mlp(), Reduced())
-    with pytest.raises(TaskOutputShapeError, match=r"shape \[B\] = \[4\].*reduction='none'"):
+    with pytest.raises(TaskOutputShapeError, match=r"shape \[B\] = \[1\].*reduction='none'"):
         ik.grads.gradients(target, classification_data(n=4), ik.Runtime(batch_size=4))
 
 

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 import influencekit as ik
-from influencekit.errors import InfluenceKitError, NotFittedError, UnsupportedModuleError
+from influencekit.errors import (
+    InfluenceKitError,
+    ModelCallError,
+    NotFittedError,
+    UnsupportedModuleError,
+)
 from influencekit.func import per_example_gradients
 from influencekit.grads import gradients
 from influencekit.storage import load_inverse, save_inverse
@@ -363,8 +368,10 @@ def test_hooks_removed_after_fit_and_after_exception():
             raise RuntimeError("loss failed")
 
     failing = ik.Target(model, Failing())
-    with pytest.raises(RuntimeError, match="loss failed") as info:
+    with pytest.raises(ModelCallError, match="Failing.loss raised RuntimeError on example 0: "
+                                             "loss failed") as info:
         ik.KFAC(1e-3).fit(ik.Curvature(failing, data, kind="empirical_fisher"))
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert info.traceback is not None          # the traceback (and its frames) is still alive
     assert Failing.seen == [2]                 # the hooks were there during the fit
     assert _hook_state(model) == before        # and are gone after the exception

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from influencekit.storage import ScoreStore
+
 HERE = Path(__file__).parent
 TOTAL_BLOCKS = 200  # 1200 training examples in blocks of 6, one block of queries
 
@@ -67,9 +69,7 @@ def server():
 
 
 def _done_blocks(folder: Path) -> int:
-    if not (folder / "store" / "manifest.json").exists():
-        return 0
-    return int(np.load(folder / "store" / "done.npy", mmap_mode="r").sum())
+    return ScoreStore.blocks_done(folder / "store")
 
 
 def _kill(server: WriterServer, pid: int) -> None:
@@ -113,8 +113,8 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, server)
     got_scores = np.load(killed / "store" / "scores.npy")
     assert ref_scores.dtype == got_scores.dtype == np.float32
     assert ref_scores.tobytes() == got_scores.tobytes()
-    assert np.load(killed / "store" / "done.npy").all()
-    assert ((killed / "store" / "manifest.json").read_text()
-            == (reference / "store" / "manifest.json").read_text())
+    stores = [ScoreStore.load(f / "store", writable=False) for f in (reference, killed)]
+    assert stores[1].complete and stores[1].verify() == []
+    assert stores[1].manifest == stores[0].manifest  # the same run (store ids differ)
     ref_top, got_top = (load_file(str(f / "top_k.safetensors")) for f in (reference, killed))
     assert all(ref_top[k].numpy().tobytes() == got_top[k].numpy().tobytes() for k in ref_top)

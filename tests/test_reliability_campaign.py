@@ -1,7 +1,7 @@
-"""The corruption campaign of benchmarks/reliability.py: every stored file type x every kind of
-corruption; no load may return different content, and every refusal is an InfluenceKitError
-that names the corrupted file. Reduced (4 bit positions per file) in the default suite, the
-full 40 positions in the slow suite."""
+"""The corruption campaign of benchmarks/reliability.py: every stored file type (inverse stores,
+results arrays, score stores) x every kind of corruption; no load may return different content,
+and every refusal is an InfluenceKitError that names the corrupted file. Reduced (4 bit
+positions per file) in the default suite, the full 40 positions in the slow suite."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def _check(rows, positions):
              ("inverse EKFAC", "manifest.json"), ("inverse EKFAC", "tensors.safetensors")}
     files |= {(store, name) for store in ("subset_retraining (resume)", "ResultsArray.read")
               for name in ("meta.json", "values.npy", "checksums.npy")}
+    files |= {(store, name) for store in ("ScoreStore.load().scores()",
+                                          "stream_scores (resume, top-k)",
+                                          "merge_score_stores (partition 0/2)")
+              for name in ("manifest.json", "scores.npy", "checksums.npy")}
     assert {(r["store"], r["file"]) for r in rows} == files
     assert {(r["store"], r["file"], r["kind"]) for r in rows} == {
         (*f, kind) for f in files for kind in module.KINDS}

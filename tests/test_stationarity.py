@@ -6,6 +6,7 @@ distance to the polished optimum."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -89,3 +90,69 @@ def test_top_eigenvalue_and_lower_bound(models):
     top = float(torch.linalg.eigvalsh(ik.Curvature(adam, train, kind="ggn").dense())[-1])
     assert result.top_eigenvalue == pytest.approx(top, rel=1e-6)
     assert result.gradient_over_curvature <= result.newton_step
+
+
+# -- at fit time ----------------------------------------------------------------------------------
+def test_fit_warns_for_the_adam_model_with_its_distance(models):
+    """inverse.fit measures the Newton step in its own metric, equal to the exact solve, stores
+    it in fit_info_ and warns once with the distance and what to do."""
+    adam, _, train = models
+    with pytest.warns(UserWarning, match="not a minimiser") as caught:
+        inverse = ik.Exact(damping=1e-3).fit(ik.Curvature(adam, train, kind="ggn"))
+    assert len([w for w in caught if "minimiser" in str(w.message)]) == 1
+    info = inverse.fit_info_["stationarity"]
+    exact = _exact_newton_step(adam, train, 1e-3)
+    assert info["newton_step"] == pytest.approx(float(exact.norm()), rel=1e-9)
+    assert info["relative_step"] == pytest.approx(
+        float(exact.norm()) / float(adam.flat_params().norm()), rel=1e-9)
+    assert info["verdict"] == "fail" and info["relative_step"] > 0.05
+    assert info["top_eigenvalue"] is None
+    message = str(caught[0].message)
+    assert f"{info['newton_step']:.3g}" in message and "% of ||theta||" in message
+    assert "ik.minimize" in message and "stationarity=False" in message
+    assert caught[0].filename == __file__  # points at the user's call
+
+
+def test_fit_of_the_polished_model_does_not_warn(models):
+    _, polished, train = models
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inverse = ik.EKFAC(damping=1e-3).fit(ik.Curvature(polished, train, kind="ggn"))
+        lazy = ik.CG(damping=1e-3).fit(ik.Curvature(polished, train, kind="ggn"))
+    assert inverse.fit_info_["stationarity"]["verdict"] == "pass"
+    assert inverse.fit_info_["stationarity"]["relative_step"] < 1e-9
+    # CG is not asked to solve at fit: the bound ||grad L|| / damping decides
+    assert lazy.fit_info_["stationarity"]["verdict"] == "pass"
+    assert lazy.fit_info_["stationarity"]["newton_step"] is None
+
+
+def test_fit_stationarity_opt_out_and_lazy_bound(models):
+    adam, _, train = models
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = ik.Exact(damping=0.1).fit(ik.Curvature(adam, train), stationarity=False)
+        lazy = ik.CG(damping=0.1).fit(ik.Curvature(adam, train))  # not measured: no warning
+    assert "stationarity" not in quiet.fit_info_
+    info = lazy.fit_info_["stationarity"]
+    grad = stationarity(adam, train).gradient_norm
+    assert info["verdict"] == "not measured"
+    assert info["gradient_norm"] == pytest.approx(grad, rel=1e-9)
+    assert info["relative_step"] == pytest.approx(
+        grad / 0.1 / float(adam.flat_params().norm()), rel=1e-9)
+    assert "ik.diagnostics.stationarity" in info["message"]
+
+
+def test_fit_stationarity_uses_the_curvature_weights(models):
+    """With weights, ∇L is the weighted mean: zero weight on half the data gives the gradient of
+    the other half's objective (compared with an unweighted fit on that half)."""
+    adam, _, train = models
+    x, y = train
+    w = torch.zeros(120, dtype=torch.float64)
+    w[::2] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weighted = ik.Exact(damping=0.1).fit(ik.Curvature(adam, train, weights=w))
+        half = ik.Exact(damping=0.1).fit(ik.Curvature(adam, (x[::2], y[::2])))
+    a, b = weighted.fit_info_["stationarity"], half.fit_info_["stationarity"]
+    assert a["gradient_norm"] == pytest.approx(b["gradient_norm"], rel=1e-10)
+    assert a["newton_step"] == pytest.approx(b["newton_step"], rel=1e-8)

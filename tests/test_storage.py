@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import influencekit as ik
-from influencekit.errors import StoreError
+from influencekit.errors import ModelMismatchError, StoreError
 from influencekit.storage import load_inverse, save_inverse
 
 from .helpers import classification_data, mlp
@@ -55,5 +55,5 @@ def test_store_of_another_model_is_rejected(tmp_path, fitted):
     _, inverse = fitted
     save_inverse(tmp_path / "inv", inverse)
     other = ik.Target(mlp(seed=1), ik.ClassificationTask())
-    with pytest.raises(StoreError, match="another model"):
+    with pytest.raises(ModelMismatchError, match="belongs to another model"):
         load_inverse(tmp_path / "inv", other)

@@ -19,6 +19,7 @@ from . import (
     distributed,
     errors,
     evaluation,
+    examples,
     grads,
     report,
     response,
@@ -70,6 +71,6 @@ __all__ = [
     "Runtime", "plan", "Plan",
     # sub-packages
     "conventions", "errors", "diagnostics", "correction", "evaluation", "storage", "report",
-    "grads", "response", "data", "testing", "cli", "distributed",
+    "grads", "response", "data", "testing", "cli", "distributed", "examples",
     "__version__",
 ]

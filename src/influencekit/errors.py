@@ -23,6 +23,50 @@ class NonFiniteError(InfluenceKitError):
         self.index = index
 
 
+class DataError(InfluenceKitError):
+    """Data that cannot be used as given: a loader that reorders or drops examples, a batch the
+    Task cannot read, labels or inputs the model cannot take, bad weights.
+
+    ``index`` is the position in the data set of the first offending example (``None`` when the
+    problem is not tied to one example, e.g. a loader's sampler).
+    """
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+class LoaderOrderError(DataError):
+    """A DataLoader that does not visit every example once in data-set order (shuffling or
+    custom samplers and batch samplers, ``drop_last=True``, ``batch_size=None``, several workers
+    over an iterable data set, a collate function that drops or adds examples): scores are
+    indexed by position in the data set."""
+
+
+class BatchLayoutError(DataError):
+    """A batch does not have the layout the Task reads (a dict where the Task reads tuples, a
+    missing key, tensors without a batch dimension or disagreeing on the number of examples)."""
+
+
+class LabelError(DataError):
+    """Labels the Task cannot use: out of the model's range, floating labels for
+    classification, cross-entropy's ignore index (-100) where every example must count, or a
+    shape that does not match the model's outputs."""
+
+
+class InputDtypeError(DataError):
+    """An input the model cannot take in its dtype (integer features into a floating model)."""
+
+
+class ModelCallError(DataError):
+    """The model raised an exception when called on an example (the original is its cause)."""
+
+
+class TrainingModeError(InfluenceKitError):
+    """The model has modules in training mode that make influence ill-defined (dropout, batch
+    normalisation): call ``model.eval()`` first."""
+
+
 class TaskOutputShapeError(InfluenceKitError):
     """A Task returned a per-example loss or measurement of the wrong shape."""
 

@@ -266,7 +266,7 @@ def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
 
     def fit(data):
         return lambda: cls(damping=1.0, labels=labels).fit(Curvature(target, data, kind),
-                                                           runtime)
+                                                           runtime, stationarity=False)
 
     t_one = _best(fit(one), repeats)
     t_two = _best(fit(two), repeats)

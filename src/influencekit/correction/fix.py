@@ -129,7 +129,8 @@ def accuracy(target: Target, params: dict[str, torch.Tensor], data,
     right, total = 0, 0
     some = next(iter(params.values()))
     with torch.no_grad():
-        for _, batch, _ in iter_batches(loader, runtime, some.dtype):
+        for _, batch, _ in iter_batches(loader, runtime, some.dtype,
+                                        check=target.batch_validator()):
             outputs = target.outputs(params, batch)
             pred = outputs.argmax(dim=-1)
             right += int((pred == target.targets(batch, outputs)).sum())

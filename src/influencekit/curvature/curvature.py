@@ -36,6 +36,7 @@ from ..grads import (
     GradientEngine,
     HookIncompatibleError,
     as_loader,
+    check_finite,
     check_weights,
     compute_dtype,
     iter_batches,
@@ -77,6 +78,12 @@ class Curvature:
     # -- bookkeeping --------------------------------------------------------------------------
     def loader(self, runtime: Runtime):
         return as_loader(self.data, runtime, "training data")
+
+    def batches(self, runtime: Runtime, dtype, weights, desc: str):
+        """``(start, batch, w [B])`` over the training data, each batch validated by the
+        Target (:meth:`~influencekit.Target.batch_validator`)."""
+        return iter_batches(self.loader(runtime), runtime, dtype, weights, desc=desc,
+                            check=self.target.batch_validator())
 
     def num_examples(self, runtime: Runtime | None = None) -> int:
         return num_examples(self.loader(resolve_runtime(runtime)))
@@ -127,10 +134,10 @@ class Curvature:
         weight_sum = 0.0
         labels = self._label_sets()
         engine = GradientEngine(self.target, runtime.engine)
-        for start, batch, w in iter_batches(loader, runtime, dtype, weights,
-                                            desc=f"dense {self.kind}"):
+        for start, batch, w in self.batches(runtime, dtype, weights, f"dense {self.kind}"):
             block = self._dense_batch(flat, batch, w, labels, engine).to(torch.float64)
-            _check_finite_block(block, start)
+            if not torch.isfinite(block).all():
+                self._raise_non_finite(flat, batch, start, engine)
             total += block
             weight_sum += float(w.sum())
         total /= weight_sum
@@ -170,13 +177,19 @@ class Curvature:
         dtype, loader, weights, flat = self._setup(runtime, at)
         single = vectors.dim() == 1
         vs = (vectors[None] if single else vectors).to(dtype=dtype, device=runtime.device)
+        if not torch.isfinite(vs).all():
+            raise NonFiniteError("the vectors given to Curvature.matvec hold NaN or infinite "
+                                 "entries; the solver that called it diverged (raise damping) "
+                                 "or its right-hand side is not finite.")
         total = torch.zeros_like(vs)
         weight_sum = 0.0
         labels = self._label_sets()
         engine = GradientEngine(self.target, runtime.engine)
-        for _, batch, w in iter_batches(loader, runtime, dtype, weights,
-                                        desc=f"{self.kind} products"):
-            total += self._matvec_batch(flat, batch, w, vs, labels, engine)
+        for start, batch, w in self.batches(runtime, dtype, weights, f"{self.kind} products"):
+            part = self._matvec_batch(flat, batch, w, vs, labels, engine)
+            if not torch.isfinite(part).all():
+                self._raise_non_finite(flat, batch, start, engine)
+            total += part
             weight_sum += float(w.sum())
         total /= weight_sum
         if self.target.regularizer is not None:
@@ -209,15 +222,41 @@ class Curvature:
         dtype, loader, weights, flat = self._setup(runtime, at)
         labels = self._label_sets()
         engine = GradientEngine(self.target, runtime.engine)
-        for _, batch, w in iter_batches(loader, runtime, dtype, weights, desc=self.kind):
+        for start, batch, w in self.batches(runtime, dtype, weights, self.kind):
             for grads, coef in self._label_gradients(flat, batch, labels, engine):
+                if not torch.isfinite(grads).all():
+                    self._raise_non_finite(flat, batch, start, engine)
                 yield w * coef, grads
 
     # -- shared pieces ------------------------------------------------------------------------
     def _loss_of_one(self, out, target):
         """The task's loss of one example from its outputs ``[*out]`` and target."""
         one = tree_map(lambda t: t.unsqueeze(0), target)
-        return self.target.task.loss(out.unsqueeze(0), one)[0]
+        outputs = out.unsqueeze(0)
+        return self.target.check_per_example(self.target.task.loss(outputs, one), outputs,
+                                             "loss")[0]
+
+    def _raise_non_finite(self, flat, batch, start: int, engine) -> None:
+        """Name the example of a batch whose curvature block is not finite: the first whose
+        model output, loss or loss gradient is NaN or infinite (else the batch)."""
+        target = self.target
+        params = target.space.unflatten(flat)
+        with torch.no_grad():
+            outputs = target.outputs(params, batch)
+            rows = ~torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
+            if rows.any():
+                i = int(rows.nonzero()[0, 0])
+                raise NonFiniteError(
+                    f"the model's output for example {start + i} is not finite, so the "
+                    f"{self.kind} curvature is not; check that example's inputs, or compute in "
+                    "float64 with Runtime(dtype=torch.float64).", index=start + i)
+        values, grads = engine(params, batch, "loss")
+        check_finite(values, target.space.flatten(grads, batch_dims=1), start, "loss")
+        raise NonFiniteError(
+            f"the {self.kind} curvature of the batch starting at example {start} has "
+            "non-finite entries although every example's output, loss and gradient is finite "
+            "(second derivatives overflow); compute in float64 with "
+            "Runtime(dtype=torch.float64) or check the model's numerics there.", index=start)
 
     def label_mode(self) -> str:
         """``"exact"``, ``"sampled"`` or ``"empirical"``: how a Fisher kind takes its labels."""
@@ -246,11 +285,3 @@ class Curvature:
                 raise
             engine.demote(exc.module)
             yield from self._label_gradients(flat, batch, labels, engine)
-
-def _check_finite_block(block: torch.Tensor, start: int) -> None:
-    if not torch.isfinite(block).all():
-        raise NonFiniteError(
-            f"the curvature of the batch starting at example {start} has non-finite entries; "
-            "one of its examples gives a NaN or infinite loss or gradient (find it with "
-            "ik.grads.gradients(target, data), which names the example), or compute in float64.",
-            index=start)

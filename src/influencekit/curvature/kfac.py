@@ -70,7 +70,8 @@ def iter_layer_batches(curvature, runtime: Runtime, layers: list[Layer],
     params = live_params(target, dtype, runtime.device)
     with LayerPass(target, layers) as lp:
         for start, batch, w in iter_batches(loader, runtime, dtype, weights,
-                                            desc="K-FAC statistics"):
+                                            desc="K-FAC statistics",
+                                            check=target.batch_validator()):
             outputs = lp.forward(params, batch)
             mask = target.token_mask(batch)
             acts, masks = {}, {}

@@ -24,7 +24,13 @@ from .divergence import (
 from .linearity import linearity_errors, linearity_finding
 from .report import Finding, TrustReport
 from .stability import damping_sensitivity, method_agreement, residual_finding, solver_residuals
-from .stationarity import Stationarity, objective_gradient, stationarity
+from .stationarity import (
+                        Stationarity,
+                        fit_stationarity,
+                        objective_gradient,
+                        stationarity,
+                        weighted_objective_gradient,
+)
 from .trajectory import checkpoint_agreement
 
 __all__ = [
@@ -36,5 +42,6 @@ __all__ = [
     "TrainingSetup", "DivergenceCurve", "continue_training", "parameter_divergence",
     "divergence_finding",
     "linearity_errors", "linearity_finding",
-    "stationarity", "Stationarity", "objective_gradient",
+    "stationarity", "Stationarity", "objective_gradient", "fit_stationarity",
+    "weighted_objective_gradient",
 ]

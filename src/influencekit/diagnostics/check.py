@@ -173,4 +173,4 @@ def _default_other(inverse, target, train, runtime, dense_max_params, other):
         return None
     from ..curvature import Curvature
     return Exact(damping=inverse.damping_).fit(
-        Curvature(target, train, kind=inverse.fit_info_["kind"]), runtime)
+        Curvature(target, train, kind=inverse.fit_info_["kind"]), runtime, stationarity=False)

@@ -37,7 +37,8 @@ def refit(inverse: InverseCurvature, target: Target, train, runtime: Runtime,
     """``inverse.clone(**changes)`` fitted on the curvature of the same kind of ``target`` on
     ``train``."""
     fresh = inverse.clone(**changes)
-    return fresh.fit(Curvature(target, train, kind=curvature_kind(inverse)), runtime)
+    return fresh.fit(Curvature(target, train, kind=curvature_kind(inverse)), runtime,
+                     stationarity=False)
 
 
 def scores(target: Target, inverse: InverseCurvature, train, query,

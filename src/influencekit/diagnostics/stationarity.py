@@ -17,6 +17,15 @@ current parameters θ̂ (float64 unless the Runtime sets a dtype):
 - ``objective_gap``: ½ ∇Lᵀ (C + λI)⁻¹ ∇L, by how much one Newton step would lower L.
 
 Verdict: pass when ``relative_step <= 1e-3``, warn when ``<= 1e-2``, else fail.
+
+At fit time (:func:`fit_stationarity`, run by ``inverse.fit`` unless ``stationarity=False``)
+the same figure is measured cheaply in the metric of the scores: ∇L by one plain forward and
+backward pass per batch (no per-example gradients; the curvature's weights), the Newton step by
+the just-fitted inverse (no curvature pass, no Lanczos: ``top_eigenvalue`` is NaN). An inverse
+that solves with passes over the data (CG, LiSSA: ``inverse.lazy``) is not asked to solve;
+for it ``newton_step`` is NaN and the verdict is taken on the bound ‖∇L‖ / λ ≥ ‖(C + λI)⁻¹∇L‖
+(C positive semi-definite): pass when the bound is small, else ``"not measured"`` (no warning;
+``stationarity(target, train, inverse=inverse)`` measures it).
 """
 
 from __future__ import annotations
@@ -28,8 +37,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..curvature import Curvature
+from ..errors import NonFiniteError
 from ..func.lanczos import extreme_eigenvalues
-from ..grads import iter_gradients
+from ..grads import (
+    GradientEngine,
+    check_finite,
+    check_weights,
+    iter_gradients,
+    regularizer_gradient,
+)
 from ..inverse import CG, InverseCurvature
 from ..runtime import Runtime, resolve_runtime
 from ..task.target import Target
@@ -67,9 +83,83 @@ class Stationarity:
                        f"{self.damping:.3g})", details)
 
     def warn(self, stacklevel: int = 2) -> None:
-        """Issue the message as a ``UserWarning`` unless the verdict is pass."""
-        if self.verdict != "pass":
+        """Issue the message as a ``UserWarning`` when the verdict is warn or fail."""
+        if self.verdict in ("warn", "fail"):
             warnings.warn(self.message, stacklevel=stacklevel + 1)
+
+    def to_json(self) -> dict:
+        """The numbers and words as a JSON-safe dict (non-finite numbers become None)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in asdict(self).items()}
+
+
+def weighted_objective_gradient(curvature: Curvature, runtime: Runtime) -> torch.Tensor:
+    """∇L(θ̂) ``[p]`` float64 of the curvature's weighted objective ``Σ w_i ℓ_i / Σ w + R``, by
+    one plain backward pass per batch (no per-example gradients)."""
+    target = curvature.target
+    dtype = runtime.dtype or next(iter(target.params().values())).dtype
+    weights = check_weights(curvature.weights, curvature.num_examples(runtime), runtime)
+    params = {n: p.detach().clone().requires_grad_(True)
+              for n, p in target.params(dtype, runtime.device).items()}
+    total = torch.zeros(target.num_params, dtype=torch.float64, device=runtime.device)
+    weight_sum = 0.0
+    for start, batch, w in curvature.batches(runtime, dtype, weights, "objective gradient"):
+        losses = target.losses(params, batch)
+        grads = torch.autograd.grad((w * losses).sum(), list(params.values()),
+                                    allow_unused=True)
+        filled = {n: torch.zeros_like(p) if g is None else g
+                  for (n, p), g in zip(params.items(), grads, strict=True)}
+        flat = target.space.flatten(filled).to(torch.float64)
+        if not torch.isfinite(flat).all():
+            _name_non_finite(target, params, batch, start, runtime)
+        total += flat
+        weight_sum += float(w.sum())
+    total /= weight_sum
+    reg = regularizer_gradient(target, {n: p.detach() for n, p in params.items()})
+    return total if reg is None else total + reg.to(torch.float64)
+
+
+def _name_non_finite(target: Target, params, batch, start: int, runtime: Runtime) -> None:
+    """Raise :class:`NonFiniteError` naming the first example of ``batch`` whose loss or
+    gradient is not finite."""
+    engine = GradientEngine(target, runtime.engine)
+    values, grads = engine({n: p.detach() for n, p in params.items()}, batch, "loss")
+    check_finite(values, target.space.flatten(grads, batch_dims=1), start, "loss")
+    raise NonFiniteError(f"the gradient of the training objective over the batch starting at "
+                         f"example {start} is not finite although every example's is; compute "
+                         "in float64 (Runtime(dtype=torch.float64)).", index=start)
+
+
+def fit_stationarity(curvature: Curvature, inverse: InverseCurvature,
+                     runtime: Runtime | None = None, *, pass_max: float = 1e-3,
+                     warn_max: float = 1e-2) -> Stationarity:
+    """Stationarity measured at fit time in the fitted ``inverse``'s metric, cheaply: one
+    gradient pass over the curvature's data and one solve (module docstring)."""
+    runtime = resolve_runtime(runtime)
+    grad = weighted_objective_gradient(curvature, runtime)
+    theta = curvature.target.flat_params(torch.float64, runtime.device)
+    damping = float(inverse.damping_)
+    if not getattr(inverse, "lazy", False):
+        step = inverse.solve(grad[None].to(runtime.dtype or grad.dtype), runtime)[0]
+        return _judge(grad, step.to(torch.float64), theta, math.nan, curvature.kind, damping,
+                      math.nan, pass_max, warn_max)
+    g, t = float(grad.norm()), float(theta.norm())
+    bound = g / damping if damping > 0 else math.inf
+    relative = bound / t if t > 0 else math.inf
+    rule = f"pass when ||grad L|| / damping <= {pass_max:g} ||theta||, else not measured"
+    if relative <= pass_max:
+        verdict = "pass"
+        message = (f"theta is a minimiser of the training objective to within a Newton step of "
+                   f"at most ||grad L|| / damping = {bound:.3g} ({100 * relative:.3g}% of "
+                   f"||theta|| = {t:.3g}; gradient norm {g:.3g}).")
+    else:
+        verdict = "not measured"
+        message = (f"stationarity not measured at fit: {type(inverse).__name__} solves with "
+                   f"passes over the data; the gradient norm is {g:.3g}, so the Newton step is "
+                   f"at most {bound:.3g} ({100 * relative:.3g}% of ||theta|| = {t:.3g}). Measure "
+                   "it with ik.diagnostics.stationarity(target, train, inverse=inverse).")
+    return Stationarity(g, math.nan, t, relative, math.nan, math.nan, math.nan, curvature.kind,
+                        damping, math.nan, verdict, rule, message)
 
 
 def objective_gradient(target: Target, train, runtime: Runtime) -> torch.Tensor:
@@ -120,7 +210,8 @@ def stationarity(target: Target, train, runtime: Runtime | None = None, *,
     else:
         solver = CG(damping=float(damping), max_iter=cg_max_iter, tol=cg_tol,
                     on_failure="ignore")
-        step = solver.fit(curvature, runtime).solve(grad[None])[0].to(torch.float64)
+        step = solver.fit(curvature, runtime, stationarity=False).solve(grad[None])[0].to(
+            torch.float64)
     residual = (matvec(step[None])[0] + damping * step - grad).norm() / grad.norm().clamp_min(
         1e-300)
     theta = target.flat_params(torch.float64)
@@ -134,8 +225,8 @@ def _judge(grad, step, theta, top, kind, damping, residual, pass_max, warn_max) 
     gap = 0.5 * float(grad @ step)
     verdict, rule = judge_at_most(relative, pass_max, warn_max)
     numbers = (f"Newton step ||(C + {damping:.3g} I)^-1 grad L|| = {s:.3g} "
-               f"({100 * relative:.3g}% of ||theta|| = {t:.3g}), gradient norm {g:.3g}, "
-               f"largest {kind} eigenvalue {top:.3g}")
+               f"({100 * relative:.3g}% of ||theta|| = {t:.3g}), gradient norm {g:.3g}"
+               + (f", largest {kind} eigenvalue {top:.3g}" if math.isfinite(top) else ""))
     if verdict == "pass":
         message = f"theta is a minimiser of the training objective to within its {numbers}."
     else:
@@ -144,9 +235,11 @@ def _judge(grad, step, theta, top, kind, damping, residual, pass_max, warn_max) 
                    "assume a minimiser and these scores describe a model that retraining would "
                    "not reproduce: train longer, or polish theta with "
                    "result = ik.minimize(target, train); ik.write_params(target, result.params), "
-                   "then fit the inverse again.")
+                   "then fit the inverse again. (inverse.fit(..., stationarity=False) skips "
+                   "this check.)")
     if residual > 1e-3:
         message += (f" (The Newton step is approximate: relative residual {residual:.2g}; the "
                     "curvature may be singular, pass damping=.)")
-    return Stationarity(g, s, t, relative, top, g / top if top > 0 else math.inf, gap, kind,
-                        damping, residual, verdict, rule, message)
+    over = g / top if top > 0 else (math.inf if math.isfinite(top) else math.nan)
+    return Stationarity(g, s, t, relative, top, over, gap, kind, damping, residual, verdict,
+                        rule, message)

@@ -51,7 +51,8 @@ def gap_decomposition(target, train, indices, query, *, damping: float, cold_ret
     for mode, name in (("loo", "warm_loo"), ("proximal", "proximal"), ("pbrf", "pbrf")):
         changes[name] = response_changes(target, train, idx, query, damping=damping, mode=mode,
                                          runtime=runtime)
-    exact = Exact(damping=damping).fit(Curvature(target, train, kind="ggn"), runtime)
+    exact = Exact(damping=damping).fit(Curvature(target, train, kind="ggn"), runtime,
+                                         stationarity=False)
     inverses = {"linearised_pbrf": exact, **(approximate or {})}
     removed = _rows(train, idx)
     for name, inverse in inverses.items():

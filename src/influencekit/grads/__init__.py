@@ -2,7 +2,8 @@
 
 - data layer: :func:`as_loader`, :func:`as_dataset`, :func:`num_examples`, :func:`batch_size`,
   :func:`cast_batch`, :func:`take`, :func:`collate`, :func:`check_weights`,
-  :func:`iter_batches`, :class:`DictDataset`;
+  :func:`iter_batches`, :class:`DictDataset`, :func:`check_loader_order`,
+  :func:`check_example_dimension`, :func:`batch_rows`;
 - the gradient engine (hooks / vmap / loop): :class:`GradientEngine`, :func:`iter_gradients`,
   :func:`gradients`;
 - layers and hooks: :class:`Layer`, :func:`find_layers`, :func:`split_layers`,
@@ -17,8 +18,11 @@ from .data import (
     DictDataset,
     as_dataset,
     as_loader,
+    batch_rows,
     batch_size,
     cast_batch,
+    check_example_dimension,
+    check_loader_order,
     check_weights,
     collate,
     iter_batches,
@@ -56,7 +60,8 @@ from .stream import (
 
 __all__ = [
     "DictDataset", "as_dataset", "as_loader", "batch_size", "cast_batch", "check_weights",
-    "collate", "iter_batches", "num_examples", "take",
+    "collate", "iter_batches", "num_examples", "take", "check_loader_order",
+    "check_example_dimension", "batch_rows",
     "ENGINES", "GradientEngine", "iter_gradients", "iter_values_and_gradients", "gradients",
     "compute_dtype",
     "regularizer_gradient", "check_finite",

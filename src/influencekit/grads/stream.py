@@ -20,12 +20,12 @@ def compute_dtype(target, runtime: Runtime) -> torch.dtype:
 def iter_gradients(target, data, runtime: Runtime | None = None, *,
                    of: Differentiated = "loss", params: dict[str, torch.Tensor] | None = None,
                    include_regularizer: bool | None = None, reuse: bool = False,
-                   desc: str = "gradients"):
+                   desc: str = "gradients", first: int = 0):
     """Yield ``(start, grads [B, p])`` in data-set order (see :func:`iter_values_and_gradients`).
     """
     for start, _, flat in iter_values_and_gradients(
             target, data, runtime, of=of, params=params,
-            include_regularizer=include_regularizer, reuse=reuse, desc=desc):
+            include_regularizer=include_regularizer, reuse=reuse, desc=desc, first=first):
         yield start, flat
 
 
@@ -33,8 +33,10 @@ def iter_values_and_gradients(target, data, runtime: Runtime | None = None, *,
                               of: Differentiated = "loss",
                               params: dict[str, torch.Tensor] | None = None,
                               include_regularizer: bool | None = None, reuse: bool = False,
-                              desc: str = "gradients"):
-    """Yield ``(start, values [B], grads [B, p])`` in data-set order.
+                              desc: str = "gradients", first: int = 0):
+    """Yield ``(start, values [B], grads [B, p])`` in data-set order; ``start`` counts from
+    ``first`` (where ``data`` begins in a larger data set, e.g. a block of its rows), and so do
+    the positions named in errors.
 
     ``of="loss"``: training gradients ``g_m = ∇ℓ(z_m) + ∇R`` (the regulariser gradient is added
     to every row, as the conventions table prescribes for a weighted-mean loss);
@@ -57,7 +59,8 @@ def iter_values_and_gradients(target, data, runtime: Runtime | None = None, *,
     what = "training data" if of == "loss" else "query data"
     buffer = None
     for start, batch, _ in iter_batches(as_loader(data, runtime, what), runtime, dtype,
-                                        desc=desc):
+                                        desc=desc, check=target.batch_validator(),
+                                        first=first):
         values, flat = engine.flat(params, batch, of, out=buffer)
         buffer = flat if reuse else None
         check_finite(values, flat, start, of if isinstance(of, str) else "value")

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..errors import NotFittedError
+from ..errors import ModelMismatchError, NotFittedError
 from ..func.params import ParamSpace
 from ..runtime import Runtime, resolve_runtime
 
@@ -57,9 +57,19 @@ class InverseCurvature(ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "method")
         return f"{type(self).__name__}({args})"
 
+    #: Solves with passes over the training data (CG, LiSSA) instead of fitted tensors.
+    lazy = False
+
     # -- fitting ------------------------------------------------------------------------------
-    def fit(self, curvature, runtime: Runtime | None = None):
-        """Fit to a :class:`~influencekit.Curvature`; returns self."""
+    def fit(self, curvature, runtime: Runtime | None = None, *, stationarity: bool = True):
+        """Fit to a :class:`~influencekit.Curvature`; returns self.
+
+        ``stationarity`` (default True): then check that the Target's parameters are a minimiser
+        of the training objective, in this inverse's metric — one gradient pass over the
+        training data and one solve (:func:`influencekit.diagnostics.fit_stationarity`). The
+        result is stored in ``fit_info_["stationarity"]`` and, when θ̂ is not a minimiser, a
+        ``UserWarning`` says how far it is and what to do. ``False`` skips the check.
+        """
         runtime = resolve_runtime(runtime)
         self.fit_info_ = {
             "kind": curvature.kind,
@@ -69,6 +79,12 @@ class InverseCurvature(ABC):
             "shapes": [list(s) for s in curvature.target.space.shapes],
         }
         self._fit(curvature, runtime)
+        if stationarity:
+            from ..diagnostics import fit_stationarity
+
+            result = fit_stationarity(curvature, self, runtime)
+            self.fit_info_["stationarity"] = result.to_json()
+            result.warn(stacklevel=2)
         return self
 
     @abstractmethod
@@ -79,6 +95,27 @@ class InverseCurvature(ABC):
     def is_fitted(self) -> bool:
         return hasattr(self, "fit_info_")
 
+    def check_target(self, target, allow_other_model: bool = False) -> None:
+        """Raise :class:`~influencekit.errors.ModelMismatchError` unless this fitted inverse
+        belongs to ``target``: the same parameter names and shapes and, unless
+        ``allow_other_model``, the same values (the sha256 fingerprint recorded at fit)."""
+        InverseCurvature.check_fitted(self)  # fitted or loaded (a lazy one may be unattached)
+        if self.param_space_ != target.space:
+            raise ModelMismatchError(
+                "the inverse was fitted for other parameters "
+                f"({list(self.param_space_.names)[:4]}...) than this Target selects "
+                f"({list(target.space.names)[:4]}...); fit it on a Curvature of this Target.")
+        if allow_other_model:
+            return
+        fitted = self.fit_info_.get("fingerprint")
+        if fitted is not None and fitted != target.fingerprint():
+            raise ModelMismatchError(
+                "the inverse was fitted at other parameter values than the Target's model has "
+                "now (another model of the same shape, or this one trained further after "
+                "fitting): its curvature does not describe this model. Fit it again on "
+                "ik.Curvature(target, train), or pass Influence(..., allow_other_model=True) "
+                "to reuse it knowingly as an approximation.")
+
     def check_fitted(self) -> None:
         if not self.is_fitted:
             raise NotFittedError(f"{type(self).__name__} is not fitted: call "
@@ -86,7 +123,7 @@ class InverseCurvature(ABC):
 
     @property
     def param_space_(self) -> ParamSpace:
-        self.check_fitted()
+        InverseCurvature.check_fitted(self)  # also for a loaded lazy inverse not yet attached
         return ParamSpace(tuple(self.fit_info_["names"]),
                           tuple(tuple(s) for s in self.fit_info_["shapes"]))
 

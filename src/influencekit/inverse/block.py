@@ -69,7 +69,7 @@ class BlockDiagonal(InverseCurvature):
         self.blocks_, self.indices_, infos = [], [], []
         for names, source in plan:
             method = (default if source < 0 else pairs[source][1]).clone()
-            sub = method.fit(restrict(curvature, names), runtime)
+            sub = method.fit(restrict(curvature, names), runtime, stationarity=False)
             self.blocks_.append(sub)
             self.indices_.append(_indices(full, sub.param_space_.names))
             infos.append({"names": list(sub.param_space_.names), "source": source,
@@ -101,6 +101,11 @@ class BlockDiagonal(InverseCurvature):
             modules.setdefault(n.rsplit(".", 1)[0] if "." in n else "", []).append(n)
         plan.extend((group, -1) for group in modules.values())
         return plan
+
+    @property
+    def lazy(self) -> bool:
+        """Some block solves with passes over the training data (CG, LiSSA)."""
+        return any(getattr(block, "lazy", False) for block in getattr(self, "blocks_", []))
 
     # -- applying -----------------------------------------------------------------------------
     def check_fitted(self) -> None:

@@ -12,7 +12,7 @@ solving; until then :meth:`solve` raises :class:`NotFittedError` saying so.
 
 from __future__ import annotations
 
-from ..errors import NotFittedError, StoreError
+from ..errors import ModelMismatchError, NotFittedError, StoreError
 from ..runtime import Runtime, resolve_runtime
 from .base import REGISTRY, InverseCurvature
 
@@ -33,8 +33,9 @@ class LazyInverse(InverseCurvature):
     def attach(self, curvature, runtime: Runtime | None = None):
         """Re-attach the curvature operator after loading from a store; returns self.
 
-        The curvature must be of the same kind and of the model the inverse was fitted for (same
-        parameter names, shapes and values), else :class:`StoreError`.
+        The curvature must be of the same kind (else :class:`StoreError`) and of the model the
+        inverse was fitted for (same parameter names, shapes and values, else
+        :class:`ModelMismatchError`).
         """
         if not self.is_fitted:
             raise NotFittedError(f"{type(self).__name__} was neither fitted nor loaded: call "
@@ -42,10 +43,11 @@ class LazyInverse(InverseCurvature):
         if curvature.kind != self.fit_info_["kind"]:
             raise StoreError(f"{type(self).__name__} was fitted on a {self.fit_info_['kind']!r} "
                              f"curvature; attach one of the same kind, not {curvature.kind!r}.")
-        if curvature.target.fingerprint() != self.fit_info_["fingerprint"]:
-            raise StoreError(f"the curvature attached to {type(self).__name__} belongs to another "
-                             "model (fingerprint mismatch); attach the curvature of the model "
-                             "it was fitted for, or fit it again.")
+        try:
+            self.check_target(curvature.target)
+        except ModelMismatchError as exc:
+            raise ModelMismatchError(f"the curvature attached to {type(self).__name__} belongs "
+                                     f"to another model: {exc}") from None
         self.curvature_ = curvature
         self.runtime_ = resolve_runtime(runtime)
         return self

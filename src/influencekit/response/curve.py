@@ -48,7 +48,8 @@ def measure(target: Target, flat: torch.Tensor, query, runtime: Runtime) -> torc
     loader = as_loader(query, runtime, "query data")
     out = []
     with torch.no_grad():
-        for _, batch, _ in iter_batches(loader, runtime, flat.dtype):
+        for _, batch, _ in iter_batches(loader, runtime, flat.dtype,
+                                        check=target.batch_validator()):
             out.append(target.measurements(params, batch))
     return torch.cat(out)
 

@@ -43,7 +43,8 @@ def minimize(target: Target, data, weights=None, init: torch.Tensor | None = Non
     runtime = resolve_runtime(runtime).replace(dtype=torch.float64)
     loader = as_loader(data, runtime, "training data")
     w_all = check_weights(weights, num_examples(loader), runtime)
-    cached = [(b, w) for _, b, w in iter_batches(loader, runtime, torch.float64, w_all)]
+    cached = [(b, w) for _, b, w in iter_batches(loader, runtime, torch.float64, w_all,
+                                                          check=target.batch_validator())]
     start = target.flat_params(torch.float64, runtime.device) if init is None else init
     theta = start.detach().to(dtype=torch.float64, device=runtime.device).clone()
 

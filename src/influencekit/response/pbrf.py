@@ -146,7 +146,8 @@ def solve_response(target: Target, train, index: int, *, damping: float, epsilon
     obj = _Objective(target, train, index, epsilon, damping, mode,
                      anchor.to(torch.float64), runtime, torch.float64)
     loader = as_loader(train, runtime, "training data")
-    cached = [b for _, b, _ in iter_batches(loader, runtime, torch.float64)]
+    cached = [b for _, b, _ in iter_batches(loader, runtime, torch.float64,
+                                                      check=target.batch_validator())]
     stats = [None if mode in ("loo", "proximal") else obj.anchor_stats(b) for b in cached]
 
     def value(theta):

@@ -64,7 +64,8 @@ class LBFGSRetrainer:
         runtime = resolve_runtime(runtime)
         start = _start(target, init, torch.float64, runtime)
         loader = as_loader(subset_data(train, indices, runtime), runtime, "training data")
-        cached = [(b, w) for _, b, w in iter_batches(loader, runtime, torch.float64)]
+        cached = [(b, w) for _, b, w in iter_batches(
+            loader, runtime, torch.float64, check=target.batch_validator())]
         return minimize_function(lambda t: target.objective(target.space.unflatten(t), cached),
                                  start, self.grad_tol, self.max_iter).params
 

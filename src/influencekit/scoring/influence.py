@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InfluenceKitError, ModelMismatchError
+from ..errors import InfluenceKitError
 from ..grads import iter_gradients
 from ..inverse.base import InverseCurvature
 from ..runtime import Runtime, resolve_runtime
@@ -105,21 +105,9 @@ class Influence:
         return self.inverse.parameter_blocks_() is not None
 
     def _check(self):
-        self.inverse.check_fitted()
-        if self.inverse.param_space_ != self.target.space:
-            raise ModelMismatchError(
-                "the inverse was fitted for other parameters "
-                f"({list(self.inverse.param_space_.names)[:4]}...) than this Target selects "
-                f"({list(self.target.space.names)[:4]}...); fit it on a Curvature of this Target.")
-        if not self.allow_other_model:
-            fitted = self.inverse.fit_info_.get("fingerprint")
-            if fitted is not None and fitted != self.target.fingerprint():
-                raise ModelMismatchError(
-                    "the inverse was fitted at other parameter values than the Target's model has "
-                    "now (another model of the same shape, or this one trained further after "
-                    "fitting): its curvature does not describe this model. Fit it again on "
-                    "ik.Curvature(target, train), or pass Influence(..., "
-                    "allow_other_model=True) to reuse it knowingly as an approximation.")
+        """Raise :class:`ModelMismatchError` unless the inverse was fitted for this Target (names,
+        shapes and, unless ``allow_other_model``, parameter values)."""
+        self.inverse.check_target(self.target, self.allow_other_model)
 
     def _train_stream(self, train, runtime, desc, reuse=False):
         """``(start, g_m [B, p])`` with or without ∇R (``include_regularizer``)."""

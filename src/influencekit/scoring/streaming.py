@@ -99,6 +99,7 @@ def stream_scores(influence: Influence, query, train, *, k: int | None = None, s
     if k is None and store is None:
         raise InfluenceKitError("stream_scores needs k= (a running top-k), store= (a folder for "
                                 "the score matrix), or both; otherwise nothing is kept.")
+    influence._check()  # the inverse belongs to this model, also when every block is done
     runtime = resolve_runtime(runtime)
     context = context or DistContext()
     partition = Partition.parse(partition)
@@ -211,13 +212,14 @@ def _score_query_block(influence, query, train, runtime, grid: _Grid, qi: int, m
     for first, last in _runs(pending):
         span = range(grid.train_block(first).start, grid.train_block(last).stop)
         data = take(train, span, block_runtime, "training data")
-        for local_start, grads in iter_gradients(influence.target, data, block_runtime,
-                                                 of="loss", desc="scoring train"):
+        for start, grads in iter_gradients(influence.target, data, block_runtime, of="loss",
+                                           desc="scoring train", first=span.start):
+            local_start = start - span.start
             ti = first + local_start // grid.train_block_size
             if local_start % grid.train_block_size or grads.shape[0] != len(grid.train_block(ti)):
                 raise InfluenceKitError(
                     f"the training data came in a batch of {grads.shape[0]} rows at position "
-                    f"{span.start + local_start}, not in blocks of {grid.train_block_size}; pass "
+                    f"{start}, not in blocks of {grid.train_block_size}; pass "
                     "tensors or a Dataset (not a DataLoader with its own batch sampler).")
             block = score_block(pre, grads, dtype)
             if store is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ModelMismatchError
 from ..grads import gradients
 from ..runtime import Runtime, resolve_runtime
 
@@ -38,12 +39,22 @@ class TracIn:
         if isinstance(checkpoint, dict):
             missing = [n for n in space.names if n not in checkpoint]
             if missing:
-                raise ValueError(f"checkpoint lacks parameters {missing[:4]}")
+                raise ModelMismatchError(f"a TracIn checkpoint lacks the Target's parameters "
+                                         f"{missing[:4]}: it belongs to another model; pass "
+                                         "state dicts (or flat vectors) of this Target's model.")
+            wrong = [n for n, shape in zip(space.names, space.shapes, strict=True)
+                     if tuple(torch.as_tensor(checkpoint[n]).shape) != tuple(shape)]
+            if wrong:
+                raise ModelMismatchError(f"TracIn checkpoint parameters {wrong[:4]} have other "
+                                         "shapes than the Target's: the checkpoint belongs to "
+                                         "another model.")
             return {n: torch.as_tensor(checkpoint[n]).to(dtype=dtype, device=device)
                     for n in space.names}
         flat = torch.as_tensor(checkpoint).to(dtype=dtype, device=device)
         if flat.shape != (space.numel,):
-            raise ValueError(f"a flat checkpoint must have shape [p] = [{space.numel}]")
+            raise ModelMismatchError(f"a flat TracIn checkpoint must have shape [p] = "
+                                     f"[{space.numel}] (this Target's parameters), got "
+                                     f"{list(flat.shape)}: it belongs to another model.")
         return space.unflatten(flat)
 
     def pairwise(self, query, train, runtime: Runtime | None = None) -> torch.Tensor:

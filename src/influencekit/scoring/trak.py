@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InfluenceKitError
+from ..errors import InfluenceKitError, ModelMismatchError
 from ..grads import RandomProjection, iter_values_and_gradients
 from ..runtime import Runtime, resolve_runtime
 from ..task.classification import log_odds
@@ -72,8 +72,13 @@ class TRAK:
         models = self.models or [self.target.flat_params(dtype, runtime.device)]
         total, q_total = 0.0, 0.0
         for flat in models:
-            params = self.target.space.unflatten(
-                torch.as_tensor(flat).to(dtype=dtype, device=runtime.device))
+            flat = torch.as_tensor(flat).to(dtype=dtype, device=runtime.device)
+            if flat.shape != (self.target.num_params,):
+                raise ModelMismatchError(
+                    f"a TRAK model must be a flat parameter vector [p] = "
+                    f"[{self.target.num_params}] of this Target's parameters, got "
+                    f"{list(flat.shape)}: it belongs to another model.")
+            params = self.target.space.unflatten(flat)
             phi, q = self._features(params, train, runtime)
             phi_q, _ = self._features(params, query, runtime)
             phi, phi_q = phi.to(torch.float64), phi_q.to(torch.float64)

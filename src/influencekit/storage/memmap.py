@@ -29,10 +29,7 @@ wrong and the fix.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import shutil
 import time
 import uuid
 import warnings
@@ -41,13 +38,21 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError
-from .files import fsync_folder, json_roundtrip, read_json, safe_path, sha256_bytes, write_json
+from .files import json_roundtrip, read_json, safe_path, write_json
+from .records import (
+    RECORD_BYTES,
+    check_npy,
+    create_staged,
+    digest,
+    new_npy,
+    pwrite_all,
+    valid_file_record,
+)
 
 VALUES = "values.npy"
 CHECKSUMS = "checksums.npy"
 META = "meta.json"
 MEMMAP_FORMAT = 2
-RECORD_BYTES = 16
 _RETRY_SECONDS = 0.05  # a record read while another process writes it is read once more
 
 _DELETE = "delete the folder to compute the results again"
@@ -175,14 +180,14 @@ class ResultsArray:
         overwritten = [r for r in rows
                        if any(os.pread(records_fd, RECORD_BYTES, self._record_offset(r)))]
         for r in overwritten:  # un-done first, so a kill mid-overwrite leaves it pending
-            _pwrite_all(records_fd, bytes(RECORD_BYTES), self._record_offset(r))
+            pwrite_all(records_fd, bytes(RECORD_BYTES), self._record_offset(r))
         if overwritten:
             os.fdatasync(records_fd)
         for r, value in zip(rows, values, strict=True):
-            _pwrite_all(values_fd, np.ascontiguousarray(value).tobytes(), self._value_offset(r))
+            pwrite_all(values_fd, np.ascontiguousarray(value).tobytes(), self._value_offset(r))
         os.fdatasync(values_fd)
         for r, value in zip(rows, values, strict=True):
-            _pwrite_all(records_fd, self._digest(r, np.ascontiguousarray(value).tobytes()),
+            pwrite_all(records_fd, self._digest(r, np.ascontiguousarray(value).tobytes()),
                         self._record_offset(r))
         os.fdatasync(records_fd)
 
@@ -248,10 +253,7 @@ class ResultsArray:
         return self._offset(CHECKSUMS) + row * RECORD_BYTES
 
     def _digest(self, row: int, data: bytes) -> bytes:
-        h = hashlib.sha256(self.meta["store_id"].encode())
-        h.update(int(row).to_bytes(8, "little"))
-        h.update(data)
-        return h.digest()[:RECORD_BYTES]
+        return digest(self.meta["store_id"], (row,), data)
 
     def _fd(self, name: str) -> int:
         if name not in self._fds:
@@ -264,23 +266,7 @@ class ResultsArray:
 
     def _check_file(self, name: str) -> None:
         """Size and header of one ``.npy`` file against ``meta.json``."""
-        path, info = self._path(name), self.meta["files"][name]
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as handle:
-                header = handle.read(int(info["offset"]))
-        except FileNotFoundError as exc:
-            raise StoreError(f"{path} is missing from the results store; {_DELETE}.") from exc
-        except OSError as exc:
-            raise StoreError(f"{path} cannot be read ({exc}); {_DELETE}.") from exc
-        if size != info["bytes"]:
-            what = ("truncated" if size < info["bytes"] else
-                    f"longer than written ({size - info['bytes']} bytes appended)")
-            raise StoreError(f"{path} is {what}: {size} bytes, expected {info['bytes']}; "
-                             f"{_DELETE}.")
-        if sha256_bytes(header) != info["header_sha256"]:
-            raise StoreError(f"the .npy header of {path} was modified (its checksum in {META} "
-                             f"does not match); {_DELETE}.")
+        check_npy(self._path(name), self.meta["files"][name], _DELETE)
 
     def _read_records(self) -> np.ndarray:
         self._check_file(CHECKSUMS)
@@ -333,7 +319,7 @@ class ResultsArray:
                           stacklevel=3)
             fd = self._fd(CHECKSUMS)
             for r in bad:
-                _pwrite_all(fd, bytes(RECORD_BYTES), self._record_offset(r))
+                pwrite_all(fd, bytes(RECORD_BYTES), self._record_offset(r))
             os.fdatasync(fd)
 
     def _check_made_for(self, expected: dict) -> None:
@@ -361,13 +347,6 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
 def _expected_meta(shape, dtype, config) -> dict:
     try:
         shape = [int(s) for s in shape]
@@ -385,49 +364,15 @@ def _expected_meta(shape, dtype, config) -> dict:
 def _create(folder: Path, expected: dict) -> None:
     """Build the store in a staging folder beside ``folder`` and rename it into place. If
     another process got there first, keep its store (the caller then opens it)."""
-    if folder.is_dir() and any(folder.iterdir()) and not safe_path(folder, META).exists():
-        raise StoreError(f"{folder} holds files but no {META}: it is not a results store, or its "
-                         f"{META} was deleted. Use an empty folder, or {_DELETE}.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        files = {name: _new_npy(safe_path(staging, name), shape, expected["dtype"])
-                 for name, shape, in ((VALUES, expected["shape"]),
-                                      (CHECKSUMS, [expected["shape"][0], RECORD_BYTES]))}
+    def build(staging: Path) -> None:
+        files = {VALUES: new_npy(safe_path(staging, VALUES), expected["shape"],
+                                 expected["dtype"]),
+                 CHECKSUMS: new_npy(safe_path(staging, CHECKSUMS),
+                                    [expected["shape"][0], RECORD_BYTES], np.uint8)}
         write_json(safe_path(staging, META),
                    {**expected, "store_id": uuid.uuid4().hex, "files": files})
-        fsync_folder(staging)
-        try:
-            os.rename(staging, folder)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            if not safe_path(folder, META).exists():
-                raise StoreError(f"{folder} holds files but no {META}: it is not a results "
-                                 f"store, or its {META} was deleted. Use an empty folder, or "
-                                 f"{_DELETE}.") from exc
-        fsync_folder(folder.parent)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
-
-def _new_npy(path: Path, shape, values_dtype: str) -> dict:
-    """A zero-filled ``.npy`` file; returns its header offset, size and header checksum."""
-    dtype = np.dtype(values_dtype) if path.name == VALUES else np.dtype(np.uint8)
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
-    offset = int(array.offset)
-    array.flush()
-    del array
-    with open(path, "rb+") as handle:
-        header = handle.read(offset)
-        size = handle.seek(0, os.SEEK_END)
-        os.fsync(handle.fileno())
-    if offset % RECORD_BYTES:
-        raise StoreError(f"numpy wrote a .npy header of {offset} bytes, not a multiple of "
-                         f"{RECORD_BYTES}; this numpy version is not supported.")
-    return {"offset": offset, "bytes": size, "header_sha256": sha256_bytes(header)}
+    create_staged(folder, META, build, _DELETE)
 
 
 def _load_meta(folder: Path) -> dict:
@@ -463,8 +408,5 @@ def _check_meta_structure(meta: dict, path: Path) -> None:
         fail("store_id or config")
     files = meta.get("files")
     for name in (VALUES, CHECKSUMS):
-        info = files.get(name) if isinstance(files, dict) else None
-        if not (isinstance(info, dict) and all(type(info.get(k)) is int
-                                               for k in ("offset", "bytes"))
-                and isinstance(info.get("header_sha256"), str)):
+        if not valid_file_record(files.get(name) if isinstance(files, dict) else None):
             fail(f"the entry for {name}")

@@ -3,19 +3,30 @@
 A store is a folder holding
 
 - ``scores.npy``: the scores of the training examples ``columns`` (all of them, or one
-  partition's contiguous share), ``[n_query, len(columns)]``, as an ``.npy`` memmap
+  partition's contiguous share), ``[n_query, len(columns)]``, a plain ``.npy`` file
   (bfloat16 is kept as its raw 16-bit pattern, dtype ``uint16`` in numpy);
-- ``done.npy``: ``[n_query_blocks, n_train_blocks]`` booleans, one per block of the grid
-  ``block_shape`` (blocks start at the store's first row and column);
-- ``manifest.json``: the run that made it: format, full shape, columns, partition, block shape,
-  dtype, model fingerprint, data fingerprints and a free-form ``config`` (inverse, task, dtypes).
+- ``checksums.npy``: ``[n_query_blocks, n_train_blocks, 16]`` uint8, one record per block of
+  the grid ``block_shape`` (blocks start at the store's first row and column): all zeros while
+  the block is not done, else ``sha256(store_id ‖ qi ‖ ti ‖ the block's bytes)[:16]``. The
+  record is the done flag; a block whose bytes do not match it is corrupt;
+- ``manifest.json``: the run that made it — format, full shape, columns, partition, block
+  shape, dtype, model fingerprint, data fingerprints and a free-form ``config`` (inverse, task,
+  dtypes) — plus a random ``store_id`` and the exact size and header sha256 of both ``.npy``
+  files, with its own checksum (:mod:`influencekit.storage.files`).
 
-Blocks are committed in groups: written blocks are flushed to disk (``msync``) BEFORE their done
-flags are set and flushed, at most every ``commit_seconds`` (and at :meth:`ScoreStore.commit`).
-So a process killed at any point, or a machine that goes down, leaves only whole blocks marked
-done (a kill loses at most the last ``commit_seconds`` of work); reopening the store with the
-same manifest resumes, and reopening it with a different one raises :class:`StoreError` naming
-the field that differs.
+The guarantees are those of :class:`~influencekit.storage.ResultsArray`, from the same pieces
+(:mod:`influencekit.storage.records`): the folder is built in a staging folder and renamed into
+place; scores are written with ``os.pwrite`` (never a writable memmap), so writers of different
+blocks (the ranks of a distributed run) touch disjoint byte ranges; every read verifies the
+manifest's checksum, both files' sizes and headers, and each done block's record, and every
+refusal is a :class:`~influencekit.errors.StoreError` naming the file, the block and the fix.
+
+Blocks are committed in groups: written blocks are synced to disk BEFORE their records are
+written and synced, at most every ``commit_seconds`` (and at :meth:`ScoreStore.commit`). So a
+process killed at any point, or a machine that goes down, leaves only whole blocks marked done
+(a kill loses at most the last ``commit_seconds`` of work); reopening the store with the same
+manifest resumes, and reopening it with a different one raises :class:`StoreError` naming the
+field that differs.
 Scores follow the conventions table (``s = g_qᵀ (C + λI)⁻¹ g_m``, no 1/n).
 """
 
@@ -25,6 +36,8 @@ import hashlib
 import json
 import os
 import time
+import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,13 +46,26 @@ import torch
 
 from ..distributed import Partition
 from ..errors import StoreError
+from .files import read_json, safe_path, write_json
+from .records import (
+    RECORD_BYTES,
+    check_npy,
+    create_staged,
+    digest,
+    new_npy,
+    pwrite_all,
+    valid_file_record,
+)
 
 SCORES = "scores.npy"
-DONE = "done.npy"
+CHECKSUMS = "checksums.npy"
 MANIFEST = "manifest.json"
-SCORE_STORE_FORMAT = 1
+SCORE_STORE_FORMAT = 2
 STORE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 _NUMPY = {"float64": np.float64, "float32": np.float32, "bfloat16": np.uint16}
+_LAYOUT = ("store_id", "files")  # manifest entries that describe the files, not the run
+_DELETE = "delete the folder to compute the scores again"
+_RETRY_SECONDS = 0.05  # a record read while another process writes it is read once more
 
 
 class ScoreStore:
@@ -47,18 +73,22 @@ class ScoreStore:
 
     Open with :meth:`open` (create or resume) or :meth:`load` (an existing store). Blocks are
     addressed by their grid position ``(qi, ti)``: rows ``qi * block_shape[0] ...`` and columns
-    ``columns.start + ti * block_shape[1] ...`` of the full matrix.
+    ``columns.start + ti * block_shape[1] ...`` of the full matrix. ``manifest`` is the run's
+    description (without the store's file layout).
     """
 
-    def __init__(self, folder: Path, scores: np.memmap, done: np.memmap, manifest: dict,
+    def __init__(self, folder: Path, manifest: dict, layout: dict, writable: bool,
                  commit_seconds: float = 1.0):
-        self.folder = folder
-        self._scores = scores
-        self._done = done
+        self.folder = Path(folder)
         self.manifest = manifest
+        self.layout = layout
+        self.writable = writable
         self.commit_seconds = commit_seconds
-        self._pending: set[tuple[int, int]] = set()
+        self._pending: dict[tuple[int, int], bytes] = {}  # block -> its record, not yet on disk
         self._last_commit = time.monotonic()
+        self._fds: dict[str, int] = {}
+        self._records = np.load(self._path(CHECKSUMS), mmap_mode="r")
+        self._scores = np.load(self._path(SCORES), mmap_mode="r")
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -80,63 +110,31 @@ class ScoreStore:
                                   data_fingerprints=data_fingerprints or {},
                                   partition=Partition.parse(partition))
         folder = Path(folder)
-        if (folder / MANIFEST).exists():
-            store = cls.load(folder)
-            store.check_same_run(manifest)
-        else:
-            store = cls._create(folder, manifest)
+        if not safe_path(folder, MANIFEST).exists():
+            _create(folder, manifest)
+        store = cls.load(folder)
+        store.check_same_run(manifest)
         store.commit_seconds = commit_seconds
         return store
 
     @classmethod
-    def _create(cls, folder: Path, manifest: dict) -> ScoreStore:
-        folder.mkdir(parents=True, exist_ok=True)
-        n_query, start, stop = manifest["shape"][0], *manifest["columns"]
-        scores = np.lib.format.open_memmap(folder / SCORES, mode="w+",
-                                           dtype=_NUMPY[manifest["dtype"]],
-                                           shape=(n_query, stop - start))
-        done = np.lib.format.open_memmap(folder / DONE, mode="w+", dtype=bool,
-                                         shape=_grid(manifest))
-        scores.flush()
-        done.flush()
-        # the manifest last (atomically): a folder without it is a store not yet created
-        tmp = folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp, folder / MANIFEST)
-        return cls(folder, scores, done, manifest)
-
-    @classmethod
     def load(cls, folder, writable: bool = True) -> ScoreStore:
-        """Open an existing store (``writable=False``: read only)."""
+        """Open an existing store (``writable=False``: read only). Verifies the manifest's
+        checksum and both files' sizes and headers; blocks are verified when read."""
         folder = Path(folder)
-        path = folder / MANIFEST
-        if not path.exists():
-            raise StoreError(f"no score store at {folder}: {MANIFEST} is missing. Run the "
-                             "scoring with store= this folder first.")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{path} is not valid JSON ({exc}); the score store is corrupt: "
-                             "delete the folder to start again.") from exc
-        if manifest.get("kind") != "scores" or manifest.get("format") != SCORE_STORE_FORMAT:
-            raise StoreError(f"{folder} is not a score store of format {SCORE_STORE_FORMAT} "
-                             f"(kind {manifest.get('kind')!r}, format "
-                             f"{manifest.get('format')!r}).")
-        mode = "r+" if writable else "r"
-        try:
-            scores = np.lib.format.open_memmap(folder / SCORES, mode=mode)
-            done = np.lib.format.open_memmap(folder / DONE, mode=mode)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"the score files in {folder} cannot be read ({exc}); they are "
-                             "truncated or corrupt: delete the folder to start again.") from exc
-        start, stop = manifest["columns"]
-        expected = (manifest["shape"][0], stop - start)
-        if (scores.shape != expected or scores.dtype != _NUMPY[manifest["dtype"]]
-                or done.shape != _grid(manifest) or done.dtype != bool):
-            raise StoreError(f"the score files in {folder} do not match {MANIFEST} (scores "
-                             f"{scores.shape} {scores.dtype}, done {done.shape}); the store is "
-                             "corrupt: delete the folder to start again.")
-        return cls(folder, scores, done, manifest)
+        manifest, layout = _load_manifest(folder)
+        for name in (SCORES, CHECKSUMS):
+            check_npy(safe_path(folder, name), layout["files"][name], _DELETE)
+        return cls(folder, manifest, layout, writable)
+
+    @staticmethod
+    def blocks_done(folder) -> int:
+        """How many blocks of the store in ``folder`` are done (0 if there is no store yet),
+        without verifying them: for progress reports and monitors, never for results."""
+        folder = Path(folder)
+        if not safe_path(folder, MANIFEST).exists():
+            return 0
+        return int(ScoreStore.load(folder, writable=False).done().sum())
 
     def check_same_run(self, manifest: dict) -> None:
         """Raise :class:`StoreError` naming the first field where ``manifest`` differs."""
@@ -145,9 +143,28 @@ class ScoreStore:
             return
         stored, wanted = _lookup(self.manifest, path), _lookup(manifest, path)
         raise StoreError(
-            f"the score store {self.folder} was made by another run: its {'.'.join(path)} is "
+            f"the score store {self.folder} was made by another run (see its {MANIFEST}): its "
+            f"{'.'.join(path)} is "
             f"{_short(stored)}, this run has {_short(wanted)}{_hint(path)}. Use another folder, "
             "or delete this one to discard its scores.")
+
+    def close(self) -> None:
+        """Close the file descriptors used for writing (reopened on the next write)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -194,12 +211,13 @@ class ScoreStore:
     # -- blocks -------------------------------------------------------------------------------
     def is_done(self, qi: int, ti: int) -> bool:
         """Block ``(qi, ti)`` is on disk, or written by this process and not yet committed."""
-        return bool(self._done[qi, ti]) or (qi, ti) in self._pending
+        qi, ti = self._check_block(qi, ti)
+        return (qi, ti) in self._pending or bool(self._records[qi, ti].any())
 
     def done(self) -> np.ndarray:
-        """The done-mask ``[n_query_blocks, n_train_blocks]`` (a copy; includes blocks written
-        by this process and not yet committed)."""
-        mask = np.array(self._done)
+        """The done-mask ``[n_query_blocks, n_train_blocks]`` (a copy, read from disk now;
+        includes blocks written by this process and not yet committed)."""
+        mask = np.asarray(self._records).any(axis=2)
         for qi, ti in self._pending:
             mask[qi, ti] = True
         return mask
@@ -209,59 +227,252 @@ class ScoreStore:
         return bool(self.done().all())
 
     def commit(self) -> None:
-        """Flush the blocks written since the last commit, then mark them done and flush."""
+        """Sync the blocks written since the last commit, then write and sync their records."""
         if self._pending:
-            self._scores.flush()
-            for qi, ti in self._pending:
-                self._done[qi, ti] = True
-            self._done.flush()
+            os.fdatasync(self._fd(SCORES))
+            records = self._fd(CHECKSUMS)
+            for (qi, ti), record in sorted(self._pending.items()):
+                pwrite_all(records, record, self._record_offset(qi, ti))
+            os.fdatasync(records)
             self._pending.clear()
         self._last_commit = time.monotonic()
 
     def write_block(self, qi: int, ti: int, scores: torch.Tensor | np.ndarray) -> None:
         """Store block ``(qi, ti)`` (rounded to the store's dtype); it is marked done at the
-        next commit (automatic after ``commit_seconds``; call :meth:`commit` when finished)."""
+        next commit (automatic after ``commit_seconds``; call :meth:`commit` when finished).
+        A block already done is first marked not done, so a kill mid-overwrite leaves it to be
+        computed again."""
+        qi, ti = self._check_block(qi, ti)
         rows, cols = self.block_rows(qi), self.block_columns(ti)
         scores = torch.as_tensor(scores)
         if tuple(scores.shape) != (len(rows), len(cols)):
             raise StoreError(f"block ({qi}, {ti}) of {self.folder} has shape "
                              f"({len(rows)}, {len(cols)}), got {tuple(scores.shape)}.")
-        local = slice(cols.start - self.columns.start, cols.stop - self.columns.start)
-        self._scores[rows.start:rows.stop, local] = _encode(scores, self.manifest["dtype"])
-        self._pending.add((qi, ti))
+        if self._records[qi, ti].any():
+            self._write_record(qi, ti, bytes(RECORD_BYTES))
+        data = np.ascontiguousarray(_encode(scores, self.manifest["dtype"]))
+        fd = self._fd(SCORES)
+        offset = self._score_offset(rows.start, cols.start)
+        stride = len(self.columns) * self._itemsize
+        if len(cols) == len(self.columns):  # whole rows: one contiguous write
+            pwrite_all(fd, data.tobytes(), offset)
+        else:
+            for i, row in enumerate(data):
+                pwrite_all(fd, row.tobytes(), offset + i * stride)
+        self._pending[(qi, ti)] = self._digest(qi, ti, data.tobytes())
         if time.monotonic() - self._last_commit >= self.commit_seconds:
             self.commit()
 
     def discard_block(self, qi: int, ti: int) -> None:
         """Mark block ``(qi, ti)`` not done: the next run recomputes it."""
-        self._pending.discard((qi, ti))
-        self._done[qi, ti] = False
-        self._done.flush()
+        qi, ti = self._check_block(qi, ti)
+        self._pending.pop((qi, ti), None)
+        self._write_record(qi, ti, bytes(RECORD_BYTES))
 
     def read_block(self, qi: int, ti: int) -> torch.Tensor:
-        """Block ``(qi, ti)`` as a tensor of the store's dtype (zeros where not done)."""
+        """Block ``(qi, ti)`` as a tensor of the store's dtype (zeros where not done),
+        verified against its record."""
         rows, cols = self.block_rows(qi), self.block_columns(ti)
         return self.read(rows, cols)
 
     def read(self, rows: range | None = None, cols: range | None = None) -> torch.Tensor:
         """Scores of query ``rows`` × training examples ``cols`` (global indices, within this
-        store's columns; default all), as a tensor of the store's dtype."""
+        store's columns; default all), as a tensor of the store's dtype. Every done block they
+        touch is verified against its record (:class:`StoreError` naming the blocks that do
+        not match); blocks not done read as zeros."""
         rows = range(self.n_query) if rows is None else rows
         cols = self.columns if cols is None else cols
         if cols.start < self.columns.start or cols.stop > self.columns.stop:
             raise StoreError(f"columns {cols.start}..{cols.stop - 1} are outside this store's "
                              f"training examples {self.columns.start}..{self.columns.stop - 1}.")
-        local = slice(cols.start - self.columns.start, cols.stop - self.columns.start)
-        return _decode(np.array(self._scores[rows.start:rows.stop, local]),
-                       self.manifest["dtype"])
+        if rows.start < 0 or rows.stop > self.n_query:
+            raise StoreError(f"rows {rows.start}..{rows.stop - 1} are outside this store's "
+                             f"{self.n_query} queries.")
+        values = self._read_verified(rows, cols)
+        return _decode(values, self.manifest["dtype"])
 
     def scores(self) -> torch.Tensor:
-        """The whole ``[n_query, len(columns)]`` matrix in memory (the store's dtype)."""
+        """The whole ``[n_query, len(columns)]`` matrix in memory (the store's dtype),
+        verified."""
         return self.read()
 
     def raw(self) -> np.memmap:
-        """The memmapped array itself (bfloat16 as ``uint16`` bit patterns)."""
+        """The memmapped score array itself, read only and NOT verified (bfloat16 as
+        ``uint16`` bit patterns): for fast inspection; :meth:`read` verifies."""
         return self._scores
+
+    def verify(self, discard_corrupt: bool = False) -> list[tuple[int, int]]:
+        """Check every done block against its record; returns the corrupt blocks. Raises
+        :class:`StoreError` naming them, or with ``discard_corrupt=True`` marks them not done
+        (with a warning) so that a resumed run computes them again."""
+        bad = self._bad_blocks(range(self.grid[0]), range(self.grid[1]))
+        if bad and not discard_corrupt:
+            raise StoreError(self._corrupt_message(bad))
+        if bad:
+            warnings.warn(self._corrupt_message(bad) + " They are marked not done.",
+                          stacklevel=2)
+            for qi, ti in bad:
+                self.discard_block(qi, ti)
+        return bad
+
+    # -- internals ----------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        return safe_path(self.folder, name)
+
+    def _check_block(self, qi, ti) -> tuple[int, int]:
+        n_qb, n_tb = self.grid
+        ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                 for v in (qi, ti))
+        if not ok or not (0 <= int(qi) < n_qb and 0 <= int(ti) < n_tb):
+            raise StoreError(f"block ({qi!r}, {ti!r}) is outside the grid of {self.folder}, "
+                             f"which has {n_qb} x {n_tb} blocks.")
+        return int(qi), int(ti)
+
+    def _fd(self, name: str) -> int:
+        if not self.writable:
+            raise StoreError(f"the score store {self.folder} was opened read-only "
+                             "(ScoreStore.load(..., writable=False)); open it writable to write.")
+        if name not in self._fds:
+            try:
+                self._fds[name] = os.open(self._path(name), os.O_RDWR)
+            except OSError as exc:
+                raise StoreError(f"{self._path(name)} cannot be opened for writing ({exc}); "
+                                 f"{_DELETE}.") from exc
+        return self._fds[name]
+
+    @property
+    def _itemsize(self) -> int:
+        return np.dtype(_NUMPY[self.manifest["dtype"]]).itemsize
+
+    def _score_offset(self, row: int, column: int) -> int:
+        width = len(self.columns)
+        local = column - self.columns.start
+        return self.layout["files"][SCORES]["offset"] + (row * width + local) * self._itemsize
+
+    def _record_offset(self, qi: int, ti: int) -> int:
+        return (self.layout["files"][CHECKSUMS]["offset"]
+                + (qi * self.grid[1] + ti) * RECORD_BYTES)
+
+    def _write_record(self, qi: int, ti: int, record: bytes) -> None:
+        fd = self._fd(CHECKSUMS)
+        pwrite_all(fd, record, self._record_offset(qi, ti))
+        os.fdatasync(fd)
+
+    def _digest(self, qi: int, ti: int, data: bytes) -> bytes:
+        return digest(self.layout["store_id"], (qi, ti), data)
+
+    def _block_bytes(self, qi: int, ti: int) -> bytes:
+        rows, cols = self.block_rows(qi), self.block_columns(ti)
+        local = slice(cols.start - self.columns.start, cols.stop - self.columns.start)
+        return np.ascontiguousarray(self._scores[rows.start:rows.stop, local]).tobytes()
+
+    def _blocks_of(self, rows: range, cols: range) -> tuple[range, range]:
+        bq, bt = self.block_shape
+        start = self.columns.start
+        if len(rows) == 0 or len(cols) == 0:
+            return range(0), range(0)
+        return (range(rows.start // bq, (rows.stop - 1) // bq + 1),
+                range((cols.start - start) // bt, (cols.stop - 1 - start) // bt + 1))
+
+    def _bad_blocks(self, qis: range, tis: range) -> list[tuple[int, int]]:
+        bad = []
+        for qi in qis:
+            for ti in tis:
+                record = bytes(self._records[qi, ti])
+                if any(record) and self._digest(qi, ti, self._block_bytes(qi, ti)) != record:
+                    bad.append((qi, ti))
+        return bad
+
+    def _read_verified(self, rows: range, cols: range) -> np.ndarray:
+        """Records, then values (a record is written after its block), verified; a failing
+        block is read again once, in case another process was writing it."""
+        for name in (SCORES, CHECKSUMS):
+            check_npy(self._path(name), self.layout["files"][name], _DELETE)
+        qis, tis = self._blocks_of(rows, cols)
+        bad = self._bad_blocks(qis, tis)
+        if bad:
+            time.sleep(_RETRY_SECONDS)
+            bad = self._bad_blocks(qis, tis)
+        if bad:
+            raise StoreError(self._corrupt_message(bad))
+        local = slice(cols.start - self.columns.start, cols.stop - self.columns.start)
+        values = np.array(self._scores[rows.start:rows.stop, local])
+        for qi in qis:
+            for ti in tis:
+                if not self.is_done(qi, ti):
+                    r, c = self.block_rows(qi), self.block_columns(ti)
+                    values[max(r.start - rows.start, 0):max(r.stop - rows.start, 0),
+                           max(c.start - cols.start, 0):max(c.stop - cols.start, 0)] = 0
+        return values
+
+    def _corrupt_message(self, bad: list[tuple[int, int]]) -> str:
+        shown = ", ".join(str(b) for b in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        return (f"{len(bad)} done block(s) of {self._path(SCORES)} do not match their checksums "
+                f"in {CHECKSUMS} (blocks {shown}): {SCORES}, {CHECKSUMS} or {MANIFEST} was "
+                "modified, corrupted or comes from another store. Call "
+                "ScoreStore.load(folder).verify(discard_corrupt=True) to compute those blocks "
+                f"again, or {_DELETE}.")
+
+
+def _create(folder: Path, manifest: dict) -> None:
+    """Build a store of ``manifest`` in a staging folder and rename it to ``folder`` (another
+    process that got there first keeps its store)."""
+    def build(staging: Path) -> None:
+        n_query, (start, stop) = manifest["shape"][0], manifest["columns"]
+        files = {SCORES: new_npy(safe_path(staging, SCORES), (n_query, stop - start),
+                                 _NUMPY[manifest["dtype"]]),
+                 CHECKSUMS: new_npy(safe_path(staging, CHECKSUMS),
+                                    (*_grid(manifest), RECORD_BYTES), np.uint8)}
+        write_json(safe_path(staging, MANIFEST),
+                   {**manifest, "store_id": uuid.uuid4().hex, "files": files})
+
+    create_staged(folder, MANIFEST, build, _DELETE)
+
+
+def _load_manifest(folder: Path) -> tuple[dict, dict]:
+    """``(run manifest, file layout)`` from ``manifest.json``, checksum and structure checked."""
+    path = safe_path(folder, MANIFEST)
+    if not path.exists():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise StoreError(f"{folder} holds files but no {MANIFEST}: it is not a score store, "
+                             f"or its {MANIFEST} was deleted; {_DELETE}.")
+        raise StoreError(f"no score store at {folder}: {MANIFEST} is missing. Run the "
+                         "scoring with store= this folder first.")
+    stored = read_json(path, f"the score store is corrupt: {_DELETE}.")
+    if stored.get("kind") != "scores" or stored.get("format") != SCORE_STORE_FORMAT:
+        raise StoreError(f"{folder} is not a score store of format {SCORE_STORE_FORMAT} "
+                         f"(kind {stored.get('kind')!r}, format {stored.get('format')!r}); "
+                         f"{_DELETE}.")
+    layout = {key: stored.pop(key, None) for key in _LAYOUT}
+    _check_structure(stored, layout, path)
+    return stored, layout
+
+
+def _check_structure(manifest: dict, layout: dict, path: Path) -> None:
+    """The entries a valid checksum could still carry in a wrong shape (another writer)."""
+    def fail(what):
+        raise StoreError(f"{path} is not a score-store manifest of this influencekit ({what}); "
+                         f"{_DELETE}.")
+
+    def ints(value, n):
+        return (isinstance(value, list) and len(value) == n
+                and all(type(v) is int and v >= 0 for v in value))
+
+    if not (ints(manifest.get("shape"), 2) and min(manifest["shape"]) > 0):
+        fail(f"shape {manifest.get('shape')!r}")
+    if not (ints(manifest.get("block_shape"), 2) and min(manifest["block_shape"]) > 0):
+        fail(f"block_shape {manifest.get('block_shape')!r}")
+    columns = manifest.get("columns")
+    if not (ints(columns, 2) and columns[0] < columns[1] <= manifest["shape"][1]):
+        fail(f"columns {columns!r}")
+    if manifest.get("dtype") not in STORE_DTYPES:
+        fail(f"dtype {manifest.get('dtype')!r}")
+    if not isinstance(layout["store_id"], str):
+        fail("store_id")
+    files = layout["files"]
+    for name in (SCORES, CHECKSUMS):
+        if not valid_file_record(files.get(name) if isinstance(files, dict) else None):
+            fail(f"the entry for {name}")
 
 
 def build_manifest(*, n_query: int, n_train: int, block_shape: Sequence[int], dtype: str,
@@ -308,7 +519,8 @@ def merge_score_stores(parts: Sequence, folder) -> ScoreStore:
         path = first_difference(_without_partition(first.manifest), shared)
         if path is not None:
             raise StoreError(
-                f"{store.folder} and {first.folder} belong to different runs: their "
+                f"{store.folder} and {first.folder} belong to different runs (their "
+                f"{MANIFEST} files differ): their "
                 f"{'.'.join(path)} is {_short(_lookup(store.manifest, path))} vs "
                 f"{_short(_lookup(first.manifest, path))}{_hint(path)}; merge only the "
                 "partitions of one run.")

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..errors import InfluenceKitError, StoreError
+from ..errors import InfluenceKitError, ModelMismatchError, StoreError
 from .files import atomic_write, read_json, safe_path, sha256_bytes, write_json
 
 FORMAT_VERSION = 2
@@ -117,7 +117,8 @@ def load_inverse(folder, target=None):
     """Load an inverse saved by :func:`save_inverse`.
 
     With ``target``, check that the stored fingerprint (parameter names, shapes and values)
-    matches it and raise :class:`StoreError` if the store was fitted for another model.
+    matches it and raise :class:`~influencekit.errors.ModelMismatchError` if the store was
+    fitted for another model (or this one before further training).
     """
     from ..inverse import REGISTRY
 
@@ -134,15 +135,18 @@ def load_inverse(folder, target=None):
     if method not in REGISTRY:
         raise StoreError(f"{folder} holds an inverse of unknown method {method!r}; known: "
                          f"{sorted(REGISTRY)}")
-    if target is not None and target.fingerprint() != fit_info.get("fingerprint"):
-        raise StoreError(f"the inverse in {folder} was fitted for another model (fingerprint "
-                         "mismatch: different parameters or values); fit it again for this "
-                         "model.")
     try:
-        return REGISTRY[method](**config).load_state_dict(tensors, fit_info)
+        inverse = REGISTRY[method](**config).load_state_dict(tensors, fit_info)
     except InfluenceKitError:
         raise
     except (TypeError, KeyError, ValueError, RuntimeError) as exc:
         raise StoreError(f"the inverse in {folder} cannot be rebuilt from its manifest and "
                          f"tensors ({type(exc).__name__}: {exc}); it was saved by another "
                          "version of influencekit: fit and save it again.") from exc
+    if target is not None:
+        try:
+            inverse.check_target(target)
+        except ModelMismatchError as exc:
+            raise ModelMismatchError(f"the inverse in {folder} belongs to another model: "
+                                     f"{exc}") from None
+    return inverse

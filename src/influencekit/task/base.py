@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import InfluenceKitError
+from ..errors import BatchLayoutError, InfluenceKitError
+from .checks import describe_layout
 
 ModelCall = Callable[..., object]
 
@@ -76,6 +77,39 @@ class Task(ABC):
     def token_mask(self, batch) -> torch.Tensor | None:
         """``[B, T]`` bool, True for real tokens (False for padding); None when the examples
         have no token dimension or no padding."""
+        return None
+
+    # -- validation (called once per batch by Target.batch_validator) ------------------------------
+    def check_layout(self, batch) -> None:
+        """Raise :class:`~influencekit.errors.BatchLayoutError` if ``batch`` does not have the
+        layout this task reads.
+
+        Default: when :meth:`targets` (or both :meth:`inputs` and :meth:`forward`) are not
+        overridden, the batch must be a tuple or list ``(inputs, targets, ...)``.
+        """
+        cls = type(self)
+        reads_tuples = cls.targets is Task.targets or (cls.inputs is Task.inputs
+                                                       and cls.forward is Task.forward)
+        if not reads_tuples or (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            return
+        if isinstance(batch, dict):
+            fix = ("For dict batches (Hugging Face style: the model is called with the entries "
+                   "as keyword arguments) use ik.SequenceClassificationTask or ik.CausalLMTask; "
+                   "otherwise subclass the task and override inputs(batch) and targets(batch), "
+                   "e.g. return batch['x'] and batch['y'].")
+        else:
+            fix = ("Pass inputs and targets together, e.g. (x, y) or TensorDataset(x, y), or "
+                   "subclass the task and override inputs(batch) and targets(batch).")
+        raise BatchLayoutError(f"{cls.__name__} reads batches laid out as (inputs, targets, ...) "
+                               f"tuples, but {describe_layout(batch)}. {fix}")
+
+    def check_targets(self, targets, outputs: torch.Tensor, start: int) -> None:
+        """Raise :class:`~influencekit.errors.LabelError` naming the first example (position
+        ``start`` + row) whose target this task cannot use with the model's ``outputs``.
+
+        ``outputs`` are the model's outputs on ONE example of the data (the same for every
+        batch of a pass: only their trailing shape may be used). Default: no check.
+        """
         return None
 
     @abstractmethod

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import LabelError, TaskOutputShapeError
 from .base import Task
+
+#: Cross-entropy's ignore index: refused by the classification tasks (see ``check_targets``).
+IGNORE_INDEX = -100
 
 MEASUREMENTS = ("loss", "margin", "log_odds", "logit", "probability", "predicted_probability")
 
@@ -32,6 +36,15 @@ class ClassificationTask(Task):
 
     def loss(self, outputs, targets):
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def check_targets(self, targets, outputs, start):
+        """Labels must be integer class indices ``[B]`` in ``[0, K)`` for logits ``[B, K]``.
+
+        The ignore index ``-100`` is refused: cross-entropy would give that example a zero loss,
+        a zero gradient and a score of exactly 0 that means nothing. Leave unlabelled examples
+        out of the data instead.
+        """
+        check_class_labels(type(self).__name__, targets, outputs, start)
 
     def measurement(self, outputs, targets):
         kind = self.measurement_name
@@ -68,3 +81,50 @@ def log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     label_logit = logits.gather(1, labels[:, None])[:, 0]
     others = logits.scatter(1, labels[:, None], float("-inf"))
     return label_logit - others.logsumexp(dim=1)
+
+
+def check_class_labels(name: str, labels, outputs: torch.Tensor, start: int) -> None:
+    """The checks of :meth:`ClassificationTask.check_targets` (``name`` is the task's class)."""
+    if outputs.dim() != 2:
+        raise TaskOutputShapeError(
+            f"{name} reads logits [B, K] from the model, but it returns shape "
+            f"{list(outputs.shape)} for one example; override Task.forward to return [B, K].")
+    if outputs.shape[-1] < 2:
+        raise TaskOutputShapeError(
+            f"{name} reads logits [B, K] of K >= 2 classes, but the model returns one logit per "
+            f"example (shape {list(outputs.shape)} for one example): cross-entropy over one "
+            "class is always 0. Output two logits (nn.Linear(d, 2)) for a binary problem.")
+    if not isinstance(labels, torch.Tensor):
+        raise LabelError(f"{name} needs the labels as a tensor of class indices [B], got "
+                         f"{type(labels).__name__} (batch starting at example {start}).",
+                         index=start)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise LabelError(
+            f"the labels of the batch starting at example {start} are "
+            f"{str(labels.dtype).replace('torch.', '')}; {name} needs integer class indices "
+            "[B] (y.long()). One-hot or soft labels: y.argmax(dim=1); a real-valued target: "
+            "ik.RegressionTask.", index=start)
+    if labels.dim() != 1:
+        hint = ("one-hot? pass y.argmax(dim=1)" if labels.dim() == 2 and labels.shape[1] > 1
+                else "pass y.reshape(-1)")
+        raise LabelError(
+            f"the labels of the batch starting at example {start} have shape "
+            f"{list(labels.shape)}; {name} needs class indices of shape [B] ({hint}).",
+            index=start)
+    ignored = labels == IGNORE_INDEX
+    if ignored.any():
+        i = int(ignored.nonzero()[0, 0])
+        raise LabelError(
+            f"the label of example {start + i} is -100, cross-entropy's ignore index: that "
+            "example would get a zero loss, a zero gradient and a score of 0 that means "
+            f"nothing, so {name} refuses it. Leave unlabelled examples out "
+            "(torch.utils.data.Subset of the labelled ones) or give them their class.",
+            index=start + i)
+    n_classes = outputs.shape[-1]
+    bad = (labels < 0) | (labels >= n_classes)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise LabelError(
+            f"the label of example {start + i} is {int(labels[i])}, outside the model's "
+            f"{n_classes} classes (0 to {n_classes - 1}). Check the labels (numbered from 1? "
+            "use y - 1) or the size of the model's output layer.", index=start + i)

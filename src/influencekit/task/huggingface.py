@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import BatchLayoutError, LabelError, TaskOutputShapeError
 from .base import Task, output_tensor
-from .classification import ClassificationTask
-
-IGNORE_INDEX = -100
+from .checks import describe_layout
+from .classification import IGNORE_INDEX, ClassificationTask
 
 
 def _model_inputs(batch: dict, exclude: tuple[str, ...]) -> dict:
@@ -24,6 +24,22 @@ def _model_inputs(batch: dict, exclude: tuple[str, ...]) -> dict:
                         f"{type(batch).__name__}; build the data set from a dict of tensors, "
                         "e.g. ik.grads.DictDataset({'input_ids': ..., 'labels': ...}).")
     return {k: v for k, v in batch.items() if k not in exclude}
+
+
+def _check_dict_layout(task, batch, required: tuple[str, ...]) -> None:
+    """Raise :class:`BatchLayoutError` unless ``batch`` is a dict holding one of ``required``
+    (every key is required when ``required`` has one entry) and some model input."""
+    name = type(task).__name__
+    if not isinstance(batch, dict):
+        raise BatchLayoutError(
+            f"{name} reads dict batches (as a tokenizer returns them), but "
+            f"{describe_layout(batch)}. Build the data set from a dict of tensors, e.g. "
+            "ik.grads.DictDataset({'input_ids': ..., 'attention_mask': ..., 'labels': ...}), "
+            "or use ik.ClassificationTask for (inputs, labels) tuples.")
+    if not any(key in batch for key in required):
+        raise BatchLayoutError(
+            f"{name} found none of the keys {list(required)} in the batch, whose keys are "
+            f"{list(batch)}. Name the labels' key with {name}(label_key=...).")
 
 
 def _attention_mask(batch: dict) -> torch.Tensor | None:
@@ -58,6 +74,9 @@ class SequenceClassificationTask(ClassificationTask):
 
     def token_mask(self, batch):
         return _attention_mask(batch)
+
+    def check_layout(self, batch):
+        _check_dict_layout(self, batch, (self.label_key,))
 
 
 class CausalLMTask(Task):
@@ -105,6 +124,34 @@ class CausalLMTask(Task):
 
     def token_mask(self, batch):
         return _attention_mask(batch)
+
+    def check_layout(self, batch):
+        _check_dict_layout(self, batch, (self.label_key, "input_ids"))
+
+    def check_targets(self, targets, outputs, start):
+        """Next-token targets ``[B, T]`` must be integer token ids in ``[0, V)`` for logits
+        ``[B, T, V]``, or ``-100`` (not scored)."""
+        if outputs.dim() != 3:
+            raise TaskOutputShapeError(
+                f"CausalLMTask reads logits [B, T, V] from the model, but it returns shape "
+                f"{list(outputs.shape)} for one example.")
+        if (not isinstance(targets, torch.Tensor) or targets.is_floating_point()
+                or targets.dim() != 2):
+            shown = (f"shape {list(targets.shape)} {targets.dtype}"
+                     if isinstance(targets, torch.Tensor) else type(targets).__name__)
+            raise LabelError(
+                f"the token targets of the batch starting at example {start} are {shown}; "
+                "CausalLMTask needs integer token ids [B, T] (-100 for tokens not scored).",
+                index=start)
+        vocab = outputs.shape[-1]
+        bad = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= vocab)
+        if bad.any():
+            row, token = (int(v) for v in bad.nonzero()[0])
+            raise LabelError(
+                f"token {token} of example {start + row} has target id "
+                f"{int(targets[row, token])}, outside the model's vocabulary of {vocab} "
+                "(0 to {}; -100 marks a token that is not scored). Check the tokenizer matches "
+                "the model.".format(vocab - 1), index=start + row)
 
     def token_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``[B, T-1]``: −log p of each next token (0 where the target is ``-100``)."""

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..errors import LabelError
 from .base import Task
 
 
@@ -28,6 +29,23 @@ class RegressionTask(Task):
 
     def loss(self, outputs, targets):
         return self._per_example((outputs - targets.reshape(outputs.shape)) ** 2)
+
+    def check_targets(self, targets, outputs, start):
+        """Targets must hold one value per model output (``[B, *out]``, or ``[B]`` for one
+        output), as numbers."""
+        if not isinstance(targets, torch.Tensor) or targets.is_complex() or not targets.dim():
+            raise LabelError(
+                f"RegressionTask needs the targets as a real tensor [B, ...] (batch starting at "
+                f"example {start}), got {_describe(targets)}.", index=start)
+        per_example = outputs[0].numel()
+        got = targets[0].numel()
+        if got != per_example:
+            raise LabelError(
+                f"the targets of example {start} hold {got} value(s) (shape "
+                f"{list(targets.shape[1:])}), the model predicts {per_example} (shape "
+                f"{list(outputs.shape[1:])}); RegressionTask compares them one by one. Give "
+                "the targets the shape of the model's output per example (y[:, None] for one "
+                "output).", index=start)
 
     def measurement(self, outputs, targets):
         if self.measurement_name == "loss":
@@ -55,3 +73,9 @@ class RegressionTask(Task):
 
     def describe_measurement(self) -> str:
         return "squared error" if self.measurement_name == "loss" else "prediction"
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__

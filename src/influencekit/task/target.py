@@ -1,7 +1,9 @@
 """Target: a model, a Task and the parameters influence is taken with respect to.
 
 The user's model is only ever called through ``torch.func.functional_call``: influencekit never
-replaces, wraps or edits its modules and never writes its parameters.
+replaces, wraps or edits its modules, never writes its parameters, never switches its mode and
+never updates its buffers (running statistics of a normalisation module in training mode are
+given to the call as copies).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..errors import InfluenceKitError, NoTrainableParametersError, TaskOutputSh
 from ..func.params import ParamSpace
 from ..grads.data import cast_batch
 from .base import Task
+from .checks import BatchValidator, running_stat_buffers
 
 ParamSelector = None | list[str] | Callable[[str, nn.Parameter], bool]
 
@@ -91,15 +94,26 @@ class Target:
         return self.space.flatten(self.params(dtype, device))
 
     def _frozen(self, dtype, device) -> dict[str, torch.Tensor]:
-        """Unselected parameters and buffers, cast like the selected ones."""
+        """Unselected parameters and buffers, cast like the selected ones; buffers a forward
+        pass would update in place (running statistics in training mode) are copies."""
         out = {}
         for n, p in self.model.named_parameters():
             if n not in self.space.names:
                 out[n] = p.detach().to(dtype=dtype or p.dtype, device=device)
+        updated = running_stat_buffers(self.model)
         for n, b in self.model.named_buffers():
             cast = dtype if (dtype is not None and b.is_floating_point()) else b.dtype
-            out[n] = b.to(dtype=cast, device=device)
+            value = b.detach().to(dtype=cast, device=device)
+            out[n] = value.clone() if n in updated and value.data_ptr() == b.data_ptr() else value
         return out
+
+    def batch_validator(self, training: bool = False) -> BatchValidator:
+        """A fresh check for one pass over a data set: ``check(batch, start)`` validates a batch
+        whose first example is at position ``start`` (model mode, layout, NaN, a probe of the
+        model on one example, labels; :mod:`influencekit.task.checks`). Give it to
+        :func:`influencekit.grads.iter_batches` as ``check=``. ``training=True`` (the training
+        loop) allows a model in training mode."""
+        return BatchValidator(self, training=training)
 
     def fingerprint(self) -> str:
         """sha256 of the selected parameters' names, shapes and values (identifies a model)."""
