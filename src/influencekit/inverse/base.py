@@ -68,7 +68,9 @@ class InverseCurvature(ABC):
         of the training objective, in this inverse's metric — one gradient pass over the
         training data and one solve (:func:`influencekit.diagnostics.fit_stationarity`). The
         result is stored in ``fit_info_["stationarity"]`` and, when θ̂ is not a minimiser, a
-        ``UserWarning`` says how far it is and what to do. ``False`` skips the check.
+        ``UserWarning`` says how far it is and what to do. ``False`` skips the check, as does
+        a curvature with ``measures_stationarity = False`` (a projected one, which has no
+        parameters of its own: check the unprojected Target).
         """
         runtime = resolve_runtime(runtime)
         self.fit_info_ = {
@@ -79,7 +81,7 @@ class InverseCurvature(ABC):
             "shapes": [list(s) for s in curvature.target.space.shapes],
         }
         self._fit(curvature, runtime)
-        if stationarity:
+        if stationarity and getattr(curvature, "measures_stationarity", True):
             from ..diagnostics import fit_stationarity
 
             result = fit_stationarity(curvature, self, runtime)

@@ -340,8 +340,12 @@ class ProjectedCurvature:
         labels: ``"auto"``, ``"exact"`` or ``"sampled"`` as for :class:`~influencekit.KFAC`.
 
     An inverse fitted on it (``ik.Exact(λ)``, :class:`ProjectedEKFAC`) works in the projected
-    space; score with :class:`ProjectedInfluence`.
+    space; score with :class:`ProjectedInfluence`. Fitting skips the stationarity check (the
+    projected space has no parameters of its own): run
+    ``ik.diagnostics.stationarity(target, train)`` on the unprojected Target instead.
     """
+
+    measures_stationarity = False
 
     def __init__(self, curvature, projection: LayerProjection, labels: str = "auto"):
         self.curvature = curvature
