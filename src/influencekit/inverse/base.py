@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..errors import NotFittedError
+from ..errors import InfluenceKitError, NotFittedError
 from ..func.params import ParamSpace
 from ..runtime import Runtime, resolve_runtime
 
@@ -58,8 +58,20 @@ class InverseCurvature(ABC):
         return f"{type(self).__name__}({args})"
 
     # -- fitting ------------------------------------------------------------------------------
-    def fit(self, curvature, runtime: Runtime | None = None):
-        """Fit to a :class:`~influencekit.Curvature`; returns self."""
+    #: whether ``fit`` accepts ``store=`` (statistics written chunk by chunk, resumable)
+    resumable = False
+
+    def fit(self, curvature, runtime: Runtime | None = None, *, store=None):
+        """Fit to a :class:`~influencekit.Curvature`; returns self.
+
+        ``store``: a folder or :class:`~influencekit.storage.FitStore` where methods that
+        accumulate statistics over the data (KFAC, EKFAC, Exact) write them chunk by chunk, so
+        that a killed fit resumes where it stopped and ends with the same bits.
+        """
+        if store is not None and not self.resumable:
+            raise InfluenceKitError(
+                f"{type(self).__name__} keeps no statistics to resume from, so it takes no "
+                "store=; fit it without one (resumable fits: KFAC, EKFAC, Exact).")
         runtime = resolve_runtime(runtime)
         self.fit_info_ = {
             "kind": curvature.kind,
@@ -68,7 +80,10 @@ class InverseCurvature(ABC):
             "names": list(curvature.target.space.names),
             "shapes": [list(s) for s in curvature.target.space.shapes],
         }
-        self._fit(curvature, runtime)
+        if store is None:
+            self._fit(curvature, runtime)
+        else:
+            self._fit(curvature, runtime, store=store)
         return self
 
     @abstractmethod
