@@ -4,7 +4,7 @@
   :func:`cast_batch`, :func:`take`, :func:`collate`, :func:`check_weights`,
   :func:`iter_batches`, :class:`DictDataset`;
 - the gradient engine (hooks / vmap / loop): :class:`GradientEngine`, :func:`iter_gradients`,
-  :func:`gradients`;
+  :func:`gradients` (split over the processes of ``Runtime.context``), :func:`sharded`;
 - layers and hooks: :class:`Layer`, :func:`find_layers`, :func:`split_layers`,
   :class:`LayerCapture`, :class:`LayerPass`;
 - random projections: :class:`RandomProjection`.
@@ -47,12 +47,14 @@ from .stream import (
     iter_gradients,
     iter_values_and_gradients,
     regularizer_gradient,
+    sharded,
 )
 
 __all__ = [
     "DictDataset", "as_dataset", "as_loader", "batch_size", "cast_batch", "check_weights",
     "collate", "iter_batches", "num_examples", "take",
     "ENGINES", "GradientEngine", "iter_gradients", "iter_values_and_gradients", "gradients",
+    "sharded",
     "compute_dtype",
     "regularizer_gradient", "check_finite",
     "Layer", "HookIncompatibleError", "KRONECKER_KINDS", "DIAGONAL_KINDS", "find_layers",

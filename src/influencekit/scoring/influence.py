@@ -14,6 +14,10 @@ Training gradients are g_m = ∇ℓ(z_m) + ∇R(θ̂) (the regulariser gradient 
 loss is a weighted MEAN that renormalises when a weight changes); ``include_regularizer=False``
 drops ∇R (the convention of codes that score with loss gradients only, e.g. kronfluence).
 
+Under a Runtime with several processes (``Runtime.context``), query gradients, ``pairwise``
+and ``self_influence`` are split over the processes' shares of the examples and gathered: every
+process returns the whole result.
+
 Before scoring, the Target's parameters are checked against the ones the inverse was fitted at
 (a sha256 fingerprint): an inverse of another model, or of this model before further training,
 is refused (``allow_other_model=True`` to reuse it on purpose, as an approximation).
@@ -24,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ModelMismatchError
-from ..grads import iter_gradients
+from ..grads import compute_dtype, gradients, iter_gradients, sharded
 from ..inverse.base import InverseCurvature
 from ..runtime import Runtime, resolve_runtime
 from ..task.target import Target
@@ -83,9 +87,7 @@ class Influence:
 
     def query_gradients(self, query, runtime: Runtime | None = None) -> torch.Tensor:
         """g_q = ∇f(z_q) of the Task's measurement, ``[n_query, p]``."""
-        blocks = iter_gradients(self.target, query, runtime, of="measurement",
-                                desc="query gradients")
-        return torch.cat([g for _, g in blocks])
+        return gradients(self.target, query, runtime, of="measurement", desc="query gradients")
 
     def precondition(self, query, runtime: Runtime | None = None) -> torch.Tensor:
         """(C + λI)⁻¹ g_q, ``[n_query, p]``."""
@@ -100,9 +102,15 @@ class Influence:
         """
         runtime = resolve_runtime(runtime)
         pre = self.precondition(query, runtime)
-        blocks = [pre @ g.to(pre.dtype).T
-                  for _, g in self._train_stream(train, runtime, "scoring train")]
-        return torch.cat(blocks, dim=1)
+
+        def columns(part, local):  # [n_part, n_query]: one row per training example
+            return torch.cat([(pre @ g.to(pre.dtype).T).T
+                              for _, g in self._train_stream(part, local, "scoring train")])
+
+        def empty():
+            return pre.new_empty(0, pre.shape[0])
+
+        return sharded(train, runtime, columns, empty, "training data").T
 
     def pairwise_per_module(self, query, train, runtime: Runtime | None = None
                             ) -> dict[str, torch.Tensor]:
@@ -128,10 +136,17 @@ class Influence:
     def self_influence(self, train, runtime: Runtime | None = None) -> torch.Tensor:
         """g_mᵀ (C + λI)⁻¹ g_m for each training example, ``[n_train]``."""
         self._check()
-        out = []
-        for _, g in self._train_stream(train, runtime, "self-influence"):
-            out.append((self.inverse.solve(g, runtime) * g).sum(dim=1))
-        return torch.cat(out)
+        runtime = resolve_runtime(runtime)
+
+        def values(part, local):
+            return torch.cat([(self.inverse.solve(g, local) * g).sum(dim=1)
+                              for _, g in self._train_stream(part, local, "self-influence")])
+
+        def empty():
+            return torch.empty(0, dtype=compute_dtype(self.target, runtime),
+                               device=runtime.device)
+
+        return sharded(train, runtime, values, empty, "training data")
 
     def parameter_influence(self, train, runtime: Runtime | None = None) -> torch.Tensor:
         """∂θ/∂w_m = −(1/n)(C + λI)⁻¹ g_m for each example, ``[n_train, p]``."""
