@@ -18,7 +18,6 @@ from influencekit.storage import ResultsArray
 from influencekit.testing import workers
 from influencekit.testing.faults import (
     RowLedger,
-    Zygote,
     kill_and_resume,
     run_concurrently,
     run_once,
@@ -27,12 +26,6 @@ from influencekit.testing.faults import (
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    with Zygote(env=ENV) as z:
-        yield z
 
 
 @pytest.fixture(scope="module")
