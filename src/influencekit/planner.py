@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from torch.utils.data import ConcatDataset, Subset
 
-from .errors import InfluenceKitError
-from .grads import as_loader, iter_gradients
+from .errors import InfluenceKitError, UnsupportedModuleError
+from .grads import Layer, as_loader, find_layers, iter_gradients
+from .inverse.kfac import FACTORED_KINDS
 from .runtime import Runtime, resolve_runtime
 
 logger = logging.getLogger("influencekit")
@@ -373,32 +373,16 @@ def _batch_rows(batch) -> int:
 
 
 # -- stages -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KfacLayer:
-    """A layer as K-FAC sees it: input width (with a column for the bias) and output width."""
-
-    name: str
-    width: int
-    d_out: int
-
-
-def kfac_layers(target) -> list[KfacLayer]:
-    """The Linear / Conv layers of the Target's selected parameters, from their shapes."""
-    selected = set(target.space.names)
-    layers = []
-    for name, module in target.model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            prefix = f"{name}." if name else ""
-            if prefix + "weight" not in selected:
-                continue
-            bias = module.bias is not None and prefix + "bias" in selected
-            w = module.weight
-            layers.append(KfacLayer(name or type(module).__name__, int(w[0].numel()) + int(bias),
-                                    int(w.shape[0])))
-    if not layers:
-        raise InfluenceKitError("K-FAC needs Linear or Conv layers among the selected "
-                                "parameters; plan with method='flat'.")
-    return layers
+def kfac_layers(target) -> list[Layer]:
+    """The layers K-FAC factors for the Target (``influencekit.grads.find_layers`` with the
+    kinds of :class:`~influencekit.KFAC`: Linear, Conv2d, GPT-2 Conv1D): each layer's ``width``
+    (input columns, +1 for a bias) and ``d_out``."""
+    try:
+        return find_layers(target, None, FACTORED_KINDS)
+    except UnsupportedModuleError as exc:
+        raise InfluenceKitError(f"K-FAC needs Linear or Conv layers for every selected "
+                                f"parameter ({exc}); plan with method='flat', or restrict the "
+                                "Target's parameters.") from exc
 
 
 def _fit_stage(method, p, n, bsize, layers, tokens, labels, cal: Calibration) -> StageEstimate:
