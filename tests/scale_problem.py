@@ -37,8 +37,8 @@ def sharded_fits(runtime, store=None):
     ``runtime`` (batches of 5: 23 examples in 5 batches, uneven shares): ``{name: tensor}``.
 
     K-FAC and EK-FAC (exact and sampled labels) fitted state and raw factors, the reduced
-    example count, the weighted dense GGN, curvature-vector products, a CG solve, and EK-FAC
-    scores, self-influence and gradients. With ``store`` (a folder): only the K-FAC and EK-FAC
+    example count, the weighted dense GGN, curvature-vector products, CG (a solve and scores)
+    and LiSSA, EK-FAC scores (also streamed), self-influence and gradients, TRAK scores. With ``store`` (a folder): only the K-FAC and EK-FAC
     fits written to fit stores there (their state, to compare bit for bit)."""
     from influencekit.curvature.kfac import kronecker_factors
     from influencekit.curvature.labels import LabelSets
@@ -69,6 +69,11 @@ def sharded_fits(runtime, store=None):
     out["scores"] = influence.pairwise(query, train, runtime)
     out["self_influence"] = influence.self_influence(train, runtime)
     out["gradients"] = ik.grads.gradients(target, train, runtime)
+    out["trak"] = ik.TRAK(target, damping=1e-2).pairwise(query, train, runtime)
+    # streaming under the runtime's context: blocks of 12 (2 blocks: with 3 processes one has
+    # none, yet takes part in the sharded preconditioning)
+    top = ik.stream_scores(influence, query, train, k=3, block_size=12, runtime=runtime).top_k
+    out["stream_helpful"], out["stream_harmful"] = top.helpful_scores, top.harmful_scores
     weighted = ik.Curvature(target, train, kind="ggn", weights=weights)
     out["dense"] = weighted.dense(runtime)
     v = torch.linspace(-1, 1, 2 * target.num_params, dtype=torch.float64).reshape(2, -1)
@@ -78,6 +83,7 @@ def sharded_fits(runtime, store=None):
     # four CG iterations exactly (each a sharded product), and LiSSA on seeded minibatches
     cg = ik.CG(damping=1e-2, max_iter=4, tol=1e-300, on_failure="ignore").fit(weighted, runtime)
     out["cg"] = cg.solve(v, runtime)
+    out["cg_scores"] = ik.Influence(target, cg).pairwise(query, train, runtime)
     lissa = ik.LiSSA(damping=1e-2, n_iter=3, minibatch_size=11, seed=2).fit(weighted, runtime)
     out["lissa"] = lissa.solve(v, runtime)
     return out
