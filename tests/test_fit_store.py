@@ -26,7 +26,11 @@ def problem():
 @pytest.mark.parametrize("method", [ik.KFAC, ik.EKFAC, ik.Exact])
 def test_a_stored_fit_equals_a_plain_fit_and_is_reused(tmp_path, problem, method,
                                                         monkeypatch):
-    _, _, curvature = problem
+    target, train, curvature = problem
+    if method is ik.Exact:  # a dense [p, p] curvature: the last layer only (p = 100)
+        last = ik.Target(target.model, target.task, params=["4.weight", "4.bias"],
+                         regularizer=target.regularizer)
+        curvature = ik.Curvature(last, train, kind="ggn")
     plain = method(damping=1e-2).fit(curvature, RUNTIME)
     store = FitStore(tmp_path, chunk_size=20)  # 3 chunks of 2 batches
     stored = method(damping=1e-2).fit(curvature, RUNTIME, store=store)
