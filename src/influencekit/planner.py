@@ -58,7 +58,8 @@ class Calibration:
             (tracing, allocations), counted once in the plan's total.
         eigh_seconds_per_cube: seconds of a float64 eigendecomposition divided by d³.
         topk_seconds: a running top-k update, seconds per score.
-        statistics_seconds: K-FAC / EK-FAC statistics (all passes over the data), seconds per
+        statistics_seconds: K-FAC / EK-FAC statistics (all passes over the data), or the dense
+            GGN of ``method="flat"`` (when ``p <= DENSE_CALIBRATION_PARAMS``), seconds per
             example, measured by fitting the inverse on one and on two batches (0 for flat).
         activations: numbers produced by the model's leaf modules per example.
         outputs: model outputs per example (e.g. the number of classes).
@@ -221,7 +222,9 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
     Timings use batches of ``batch_size`` examples (``sample`` repeated as needed), a GEMM of
     the scoring shape ``[query_rows, p] @ [p, batch_size]`` (p capped at 8192) and, for
     ``method="kfac"`` / ``"ekfac"``, the inverse itself fitted on one and on two batches (the
-    difference is the statistics' cost per batch, without the eigendecompositions).
+    difference is the statistics' cost per batch, without the eigendecompositions); for
+    ``method="flat"`` the dense GGN of one and of two batches when ``p`` is at most
+    ``DENSE_CALIBRATION_PARAMS`` (else a model from the forward/backward and GEMM rates).
     """
     runtime = resolve_runtime(runtime).replace(progress=False)
     shape = _model_shape(target, sample, runtime)
@@ -240,7 +243,7 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
                              getattr(torch, name), repeats) for name in sorted(dtypes)}
     layers = kfac_layers(target) if method != "flat" else []
     statistics = 0.0
-    if method != "flat":
+    if method != "flat" or p <= DENSE_CALIBRATION_PARAMS:
         statistics = _statistics_rate(target, sample, runtime.replace(batch_size=n), method,
                                       kfac_labels, repeats)
     return Calibration(
@@ -253,9 +256,14 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
         outputs=shape["outputs"], gradient_dtype=shape["gradient_dtype"])
 
 
+DENSE_CALIBRATION_PARAMS = 4096
+"""Largest p for which ``method="flat"`` is calibrated on a real dense curvature (128 MiB)."""
+
+
 def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
                      repeats: int) -> float:
-    """Seconds per example of K-FAC / EK-FAC statistics: fits on two batches minus one."""
+    """Seconds per example of the fit's passes over the data (K-FAC / EK-FAC statistics, or
+    the dense GGN): two batches minus one, so fixed costs and eigendecompositions cancel."""
     from .curvature import Curvature
     from .inverse import EKFAC, KFAC
 
@@ -265,6 +273,8 @@ def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
     cls = EKFAC if method == "ekfac" else KFAC
 
     def fit(data):
+        if method == "flat":
+            return lambda: Curvature(target, data, "ggn").dense(runtime)
         return lambda: cls(damping=1.0, labels=labels).fit(Curvature(target, data, kind),
                                                            runtime)
 
@@ -392,7 +402,12 @@ def _fit_stage(method, p, n, bsize, layers, tokens, labels, cal: Calibration) ->
         per_example = (cal.forward_seconds + cal.outputs * cal.backward_seconds
                        + 2 * cal.outputs * p * p / rate64)
         jacobians = 2 * bsize * cal.outputs * p * 8
-        return StageEstimate("fit", n * per_example, 4 * p * p * 8 + jacobians,
+        # the batch's Jacobian comes from one backward pass batched over its B x outputs
+        # coordinates: every activation of the batch, B x outputs times over
+        batched = bsize * bsize * cal.outputs * cal.activations * _ITEMSIZE[cal.gradient_dtype]
+        if cal.statistics_seconds > 0:  # measured on the dense curvature itself
+            per_example = cal.statistics_seconds
+        return StageEstimate("fit", n * per_example, 4 * p * p * 8 + jacobians + batched,
                              f"dense [p, p] curvature, p={p:,}")
     seconds = n * cal.statistics_seconds
     acts = bsize * tokens * sum(lay.width + lay.d_out for lay in layers) * 8
