@@ -60,7 +60,7 @@ class Calibration:
         topk_seconds: a running top-k update, seconds per score.
         statistics_seconds: K-FAC / EK-FAC statistics (all passes over the data), or the dense
             GGN of ``method="flat"`` (when ``p <= DENSE_CALIBRATION_PARAMS``), seconds per
-            example, measured by fitting the inverse on one and on two batches (0 for flat).
+            example, measured by fitting on one and on three batches (0 for a large flat p).
         activations: numbers produced by the model's leaf modules per example.
         outputs: model outputs per example (e.g. the number of classes).
         gradient_dtype: dtype of the gradients (the parameters' or the runtime's).
@@ -221,9 +221,9 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
 
     Timings use batches of ``batch_size`` examples (``sample`` repeated as needed), a GEMM of
     the scoring shape ``[query_rows, p] @ [p, batch_size]`` (p capped at 8192) and, for
-    ``method="kfac"`` / ``"ekfac"``, the inverse itself fitted on one and on two batches (the
-    difference is the statistics' cost per batch, without the eigendecompositions); for
-    ``method="flat"`` the dense GGN of one and of two batches when ``p`` is at most
+    ``method="kfac"`` / ``"ekfac"``, the inverse itself fitted on one and on three batches (the
+    difference is the statistics' cost of two batches, without the eigendecompositions); for
+    ``method="flat"`` the dense GGN of one and of three batches when ``p`` is at most
     ``DENSE_CALIBRATION_PARAMS`` (else a model from the forward/backward and GEMM rates).
     """
     runtime = resolve_runtime(runtime).replace(progress=False)
@@ -263,12 +263,13 @@ DENSE_CALIBRATION_PARAMS = 4096
 def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
                      repeats: int) -> float:
     """Seconds per example of the fit's passes over the data (K-FAC / EK-FAC statistics, or
-    the dense GGN): two batches minus one, so fixed costs and eigendecompositions cancel."""
+    the dense GGN): three batches minus one, over two, so fixed costs and eigendecompositions
+    cancel."""
     from .curvature import Curvature
     from .inverse import EKFAC, KFAC
 
     one = _repeat_to(sample, runtime, runtime.batch_size)
-    two = _repeat_to(sample, runtime, 2 * runtime.batch_size)
+    three = _repeat_to(sample, runtime, 3 * runtime.batch_size)
     kind = "empirical_fisher" if labels == "empirical" else "ggn"
     cls = EKFAC if method == "ekfac" else KFAC
 
@@ -279,8 +280,8 @@ def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
                                                            runtime)
 
     t_one = _best(fit(one), repeats)
-    t_two = _best(fit(two), repeats)
-    return max(t_two - t_one, 0.1 * t_one) / runtime.batch_size
+    t_three = _best(fit(three), repeats)
+    return max(t_three - t_one, 0.2 * t_one) / (2 * runtime.batch_size)
 
 
 def _best(fn, repeats: int, warm_up: bool = True) -> float:
