@@ -27,25 +27,20 @@ def mlp(hidden: int = 32) -> nn.Module:
 
 def train_mlp(train, *, hidden=32, epochs=60, lr=0.01, batch_size=64, l2=1e-3, seed=0,
               checkpoints_every=None):
-    """Adam on mini-batches; returns (target, list of flat checkpoints)."""
+    """Adam on mini-batches through the library's training loop (a seeded permutation per
+    epoch); returns (target, list of flat checkpoints every ``checkpoints_every`` epochs)."""
     torch.manual_seed(seed)
     model = mlp(hidden)
-    reg = ik.L2Regularizer(l2)
-    target = ik.Target(model, ik.ClassificationTask(), regularizer=reg)
-    x, y = train
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    checkpoints = []
-    for epoch in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(batch_size):
-            opt.zero_grad()
-            params = dict(model.named_parameters())
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx]) + reg(params)
-            loss.backward()
-            opt.step()
-        if checkpoints_every and (epoch + 1) % checkpoints_every == 0:
-            checkpoints.append(target.flat_params().clone())
-    return target, checkpoints
+    target = ik.Target(model, ik.ClassificationTask(), regularizer=ik.L2Regularizer(l2))
+    n = len(train[1])
+    per_epoch = -(-n // batch_size)
+    record = ([per_epoch * e for e in range(checkpoints_every, epochs + 1, checkpoints_every)]
+              if checkpoints_every else [])
+    schedule = ik.response.batch_schedule(n, batch_size=batch_size, seed=seed, epochs=epochs)
+    run = ik.response.train(target, train, schedule, optimizer="adam", lr=lr, record_at=record,
+                            runtime=ik.Runtime(progress=False))
+    ik.write_params(target, run.params)
+    return target, [run.recorded[step] for step in record]
 
 
 def accuracy(model, data) -> float:

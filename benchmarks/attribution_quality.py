@@ -92,21 +92,16 @@ def train_target(model, train, l2, seed_init=None, grad_tol=1e-9, max_iter=5000)
 
 
 def sgd_checkpoints(target, train, epochs=4, lr=0.05, batch_size=64, seed=0):
-    """A short SGD run from zeros: (checkpoints, learning rates) for TracIn."""
-    theta = torch.zeros(target.num_params, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.SGD([theta], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    n, ckpts = len(train[1]), []
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
-            batch = (train[0][idx], train[1][idx])
-            opt.zero_grad()
-            target.objective(target.space.unflatten(theta),
-                             [(batch, torch.ones(len(idx), dtype=torch.float64))]).backward()
-            opt.step()
-        ckpts.append(theta.detach().clone())
+    """A short SGD run from zeros (the library's training loop): (checkpoints at the end of
+    each epoch, learning rates) for TracIn."""
+    n = len(train[1])
+    per_epoch = -(-n // batch_size)
+    schedule = ik.response.batch_schedule(n, batch_size=batch_size, seed=seed, epochs=epochs)
+    run = ik.response.train(target, train, schedule, optimizer="sgd", lr=lr,
+                            init=torch.zeros(target.num_params, dtype=torch.float64),
+                            record_at=[per_epoch * (e + 1) for e in range(epochs)],
+                            runtime=RUNTIME)
+    ckpts = [run.recorded[step] for step in sorted(run.recorded)]
     return ckpts, [lr] * len(ckpts)
 
 
@@ -138,9 +133,9 @@ def method_scores(target, train, query, damping, *, tracin=True, trak=True, kind
             log(f"  {name} failed: {type(exc).__name__}: {exc}")
     # Identity: gradient similarity g_qᵀ g_m (no curvature; the baseline of the issue).
     t0 = time.time()
-    sc = ik.Influence(target, exact)
-    gq, gm = sc.query_gradients(query, RUNTIME), sc.train_gradients(train, RUNTIME)
-    out["Identity"] = (gq @ gm.T, time.time() - t0)
+    identity = ik.Identity(damping=0.0).fit(curvature, RUNTIME)
+    out["Identity"] = (ik.Influence(target, identity).pairwise(query, train, RUNTIME),
+                       time.time() - t0)
     if tracin:
         t0 = time.time()
         ckpts, lrs = sgd_checkpoints(target, train)
@@ -191,18 +186,14 @@ def lossgrad_scores(target, train, query, damping, methods) -> dict:
     the K-FAC factors, as kronfluence's true-Fisher mode does."""
     out = {}
     curvature = ik.Curvature(target, train, kind="ggn")
-    reg = target.space.flatten(torch.func.grad(target.regularization)(
-        target.params(torch.float64)))
     for name, kwargs in methods:
         if name not in REGISTRY:
             continue
         t0 = time.time()
         inverse = REGISTRY[name](damping=damping, **kwargs).fit(curvature, RUNTIME)
-        sc = ik.Influence(target, inverse)
-        shift = sc.precondition(query, RUNTIME).double() @ reg
+        sc = ik.Influence(target, inverse, include_regularizer=False)
         label = f"{name}_sampled" if kwargs.get("labels") == "sampled" else name
-        out[f"{label}_lossgrad"] = (sc.pairwise(query, train, RUNTIME) - shift[:, None],
-                                   time.time() - t0)
+        out[f"{label}_lossgrad"] = (sc.pairwise(query, train, RUNTIME), time.time() - t0)
     return out
 
 
@@ -321,8 +312,9 @@ def mnist_mislabel(cfg, rows):
     sc = ik.Influence(target, exact)
     candidates = {"Exact": (sc.self_influence(train, RUNTIME), time.time() - t0)}
     t0 = time.time()
-    g = sc.train_gradients(train, RUNTIME)
-    candidates["Identity"] = ((g * g).sum(1), time.time() - t0)
+    identity = ik.Identity(damping=0.0).fit(ik.Curvature(target, train, kind="ggn"), RUNTIME)
+    candidates["Identity"] = (ik.Influence(target, identity).self_influence(train, RUNTIME),
+                              time.time() - t0)
     settings = optional_settings(exact, target.num_params)
     # Self-influence solves one system per TRAINING example: the iterative solvers (CG, LiSSA)
     # would need 4,500 solves, so only the factored/low-rank methods are run here.
@@ -362,8 +354,9 @@ def mnist_removal(cfg, rows):
     picked = np.random.default_rng(2).choice(len(query[1]), size=cfg["removal_queries"],
                                              replace=False)
     sub = tuple(t[torch.as_tensor(picked)] for t in query)
-    gq, gm = sc.query_gradients(sub, RUNTIME), sc.train_gradients(train, RUNTIME)
-    methods = {"Exact": sc.pairwise(sub, train, RUNTIME), "Identity": gq @ gm.T}
+    identity = ik.Identity(damping=0.0).fit(ik.Curvature(target, train, kind="ggn"), RUNTIME)
+    methods = {"Exact": sc.pairwise(sub, train, RUNTIME),
+               "Identity": ik.Influence(target, identity).pairwise(sub, train, RUNTIME)}
     ks, retrainer = cfg["removal_ks"], LBFGSRetrainer(grad_tol=1e-8)
     changes = {name: [] for name in (*methods, "random")}
     t0 = time.time()

@@ -13,10 +13,11 @@
    the data are built (goal: memory flat in n_train, time linear).
 4. Per-example gradients (``ik.grads.iter_gradients``, each ``Runtime(engine=...)``) vs a plain
    batched forward+backward of the summed loss over the same loader (goal: within 1.5x), on a
-   64-256-256-10 MLP, a small CNN and the tiny BERT of tests/transformer_models.py; float32,
-   one thread, best of 3. Each model in a fresh process, once with glibc's defaults and once
-   with ``MALLOC_MMAP_MAX_=0`` (large blocks reused from the heap instead of fresh ``mmap``
-   pages, which are zero-filled on first touch).
+   64-256-256-10 MLP, a small CNN and the tiny BERT of tests/transformer_models.py (all its
+   parameters, and without its position embeddings); float32, one thread, best of 3; the
+   baseline and the pass are benchmarks/hook_gradients.py's. Each model in a fresh process,
+   once with glibc's defaults and once with ``MALLOC_MMAP_MAX_=0`` (large blocks reused from
+   the heap instead of fresh ``mmap`` pages, which are zero-filled on first touch).
 
 Workers (``--parallel-worker``, ``--sweep-worker``, ``--gradient-worker``) are this file run in
 subprocesses.
@@ -239,25 +240,17 @@ def tiny_bert():
 
 def per_example_vs_batched(target, data, batch_size: int) -> tuple[float, dict]:
     """(seconds of forward+backward of the summed loss over every batch, {engine: seconds of
-    per-example gradients ``[B, p]`` over every batch, or the error})."""
-    from influencekit.grads import as_loader, iter_gradients
+    a pass of per-example gradients ``[B, p]``, or the error}); the baseline and the pass are
+    those of benchmarks/hook_gradients.py, each the best of 3."""
+    import hook_gradients
 
-    runtime = ik.Runtime(batch_size=batch_size, progress=False)
-    loader = as_loader(data, runtime)
-    params = {n: p.detach().requires_grad_(True) for n, p in target.params().items()}
-    leaves = list(params.values())
-
-    def batched():
-        for batch in loader:
-            torch.autograd.grad(target.losses(params, batch).sum(), leaves)
-
-    base = best_of(batched)
+    base = hook_gradients.best_time(
+        lambda: hook_gradients.plain_backward(target, data, batch_size), 3)
     engines = {}
     for engine in ("auto", "hooks", "vmap", "loop"):
-        engine_runtime = runtime.replace(engine=engine)
         try:
-            engines[engine] = best_of(lambda rt=engine_runtime: [
-                None for _ in iter_gradients(target, data, rt, include_regularizer=False)])
+            engines[engine] = hook_gradients.best_time(
+                lambda e=engine: hook_gradients.engine_pass(target, data, e, batch_size), 3)
         except Exception as exc:  # noqa: BLE001 - reported in the table
             engines[engine] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
     return base, engines

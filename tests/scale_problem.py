@@ -38,8 +38,9 @@ def sharded_fits(runtime, store=None):
 
     K-FAC and EK-FAC (exact and sampled labels) fitted state and raw factors, the reduced
     example count, the weighted dense GGN, curvature-vector products, CG (a solve and scores)
-    and LiSSA, EK-FAC scores (also streamed), self-influence and gradients, TRAK scores. With ``store`` (a folder): only the K-FAC and EK-FAC
-    fits written to fit stores there (their state, to compare bit for bit)."""
+    and LiSSA, EK-FAC scores (also streamed), self-influence and gradients, TRAK scores. With
+    ``store`` (a folder): only the K-FAC and EK-FAC fits written to fit stores there (their
+    state, to compare bit for bit)."""
     from influencekit.curvature.kfac import kronecker_factors
     from influencekit.curvature.labels import LabelSets
     from influencekit.grads import find_layers

@@ -38,6 +38,7 @@ from .layers import (
     normalized_inputs,
     per_example_layer_grads,
     split_layers,
+    write_layer_grads,
 )
 from .projection import RandomProjection
 from .stream import (
@@ -60,7 +61,7 @@ __all__ = [
     "Layer", "HookIncompatibleError", "KRONECKER_KINDS", "DIAGONAL_KINDS", "find_layers",
     "split_layers", "module_kind",
     "layer_index", "layer_tokens", "layer_activations", "layer_output_grads",
-    "normalized_inputs", "per_example_layer_grads",
+    "normalized_inputs", "per_example_layer_grads", "write_layer_grads",
     "LayerCapture", "LayerPass", "backward_leaves", "live_params",
     "RandomProjection",
 ]

@@ -70,10 +70,10 @@ class Influence:
                     "ik.Curvature(target, train), or pass Influence(..., "
                     "allow_other_model=True) to reuse it knowingly as an approximation.")
 
-    def _train_stream(self, train, runtime, desc):
+    def _train_stream(self, train, runtime, desc, reuse=False):
         """``(start, g_m [B, p])`` with or without ∇R (``include_regularizer``)."""
         yield from iter_gradients(self.target, train, runtime, of="loss", desc=desc,
-                                  include_regularizer=self.include_regularizer)
+                                  include_regularizer=self.include_regularizer, reuse=reuse)
 
     @property
     def n_train(self) -> float:
@@ -105,7 +105,8 @@ class Influence:
 
         def columns(part, local):  # [n_part, n_query]: one row per training example
             return torch.cat([(pre @ g.to(pre.dtype).T).T
-                              for _, g in self._train_stream(part, local, "scoring train")])
+                              for _, g in self._train_stream(part, local, "scoring train",
+                                                             reuse=True)])
 
         def empty():
             return pre.new_empty(0, pre.shape[0])
@@ -127,7 +128,7 @@ class Influence:
         pre = self.precondition(query, runtime)
         groups = module_positions(self.target.space)
         blocks = {name: [] for name in groups}
-        for _, g in self._train_stream(train, runtime, "scoring train per module"):
+        for _, g in self._train_stream(train, runtime, "scoring train per module", reuse=True):
             g = g.to(pre.dtype)
             for name, idx in groups.items():
                 blocks[name].append(pre[:, idx] @ g[:, idx].T)
@@ -140,7 +141,8 @@ class Influence:
 
         def values(part, local):
             return torch.cat([(self.inverse.solve(g, local) * g).sum(dim=1)
-                              for _, g in self._train_stream(part, local, "self-influence")])
+                              for _, g in self._train_stream(part, local, "self-influence",
+                                                             reuse=True)])
 
         def empty():
             return torch.empty(0, dtype=compute_dtype(self.target, runtime),
