@@ -467,10 +467,11 @@ def _scoring_stage(p, n_train, n_query, qblock, bsize, score_dtype, k,
 
 def gradient_memory_bytes(num_params: int, batch_size: int, activations: int,
                           itemsize: int) -> int:
-    """Working memory of per-example gradients ``[B, p]``: about five ``[B, p]`` buffers
-    (per-parameter gradients, their flat copy, the previous block still held by the caller,
-    finiteness checks and temporaries) plus the activations of the backward pass."""
-    return batch_size * (5 * num_params + 3 * activations) * itemsize
+    """Working memory of per-example gradients ``[B, p]``: two ``[B, p]`` buffers (the engine
+    writes every layer's gradients straight into the block's flat buffer; the previous block is
+    still held by its consumer while the next is computed) plus the activations of the
+    backward pass."""
+    return batch_size * (2 * num_params + 3 * activations) * itemsize
 
 
 def scoring_memory_bytes(num_params: int, n_query: int, block_size: int, itemsize: int,
