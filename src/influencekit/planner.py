@@ -64,6 +64,8 @@ class Calibration:
         activations: numbers produced by the model's leaf modules per example.
         outputs: model outputs per example (e.g. the number of classes).
         gradient_dtype: dtype of the gradients (the parameters' or the runtime's).
+        solve_seconds: for ``method="kfac"`` / ``"ekfac"``: the fitted inverse's ``solve`` of
+            query gradients, seconds per row (0: estimated from ``factor_flops``).
     """
 
     gradient_seconds: float
@@ -78,6 +80,7 @@ class Calibration:
     activations: int
     outputs: int
     gradient_dtype: str
+    solve_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -242,10 +245,12 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
     gemm = {name: _gemm_rate(min(query_rows, 256), min(p, 8192), min(n, 512),
                              getattr(torch, name), repeats) for name in sorted(dtypes)}
     layers = kfac_layers(target) if method != "flat" else []
-    statistics = 0.0
+    statistics, solve = 0.0, 0.0
     if method != "flat" or p <= DENSE_CALIBRATION_PARAMS:
-        statistics = _statistics_rate(target, sample, runtime.replace(batch_size=n), method,
-                                      kfac_labels, repeats)
+        statistics, fitted = _statistics_rate(target, sample, runtime.replace(batch_size=n),
+                                              method, kfac_labels, repeats)
+        if method != "flat":
+            solve = _solve_rate(fitted, p, min(query_rows, 64), repeats)
     return Calibration(
         gradient_seconds=grads / n, forward_seconds=forward_s / n,
         backward_seconds=backward_s / n, gemm_flops=gemm,
@@ -253,7 +258,7 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
         first_call_seconds=first_call, eigh_seconds_per_cube=_eigh_rate(repeats),
         topk_seconds=_topk_rate(min(query_rows, 256), min(n, 1024), repeats),
         statistics_seconds=statistics, activations=shape["activations"],
-        outputs=shape["outputs"], gradient_dtype=shape["gradient_dtype"])
+        outputs=shape["outputs"], gradient_dtype=shape["gradient_dtype"], solve_seconds=solve)
 
 
 DENSE_CALIBRATION_PARAMS = 4096
@@ -262,9 +267,9 @@ DENSE_CALIBRATION_PARAMS = 4096
 
 def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
                      repeats: int) -> float:
-    """Seconds per example of the fit's passes over the data (K-FAC / EK-FAC statistics, or
-    the dense GGN): three batches minus one, over two, so fixed costs and eigendecompositions
-    cancel."""
+    """``(seconds per example of the fit's passes over the data, the inverse fitted on one
+    batch)`` (K-FAC / EK-FAC statistics, or the dense GGN; no inverse for it): three batches
+    minus one, over two, so fixed costs and eigendecompositions cancel."""
     from .curvature import Curvature
     from .inverse import EKFAC, KFAC
 
@@ -281,7 +286,14 @@ def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
 
     t_one = _best(fit(one), repeats)
     t_three = _best(fit(three), repeats)
-    return max(t_three - t_one, 0.2 * t_one) / (2 * runtime.batch_size)
+    rate = max(t_three - t_one, 0.2 * t_one) / (2 * runtime.batch_size)
+    return rate, (fit(one)() if method != "flat" else None)
+
+
+def _solve_rate(inverse, p: int, rows: int, repeats: int) -> float:
+    """Seconds per query row of the fitted inverse's ``solve`` (float32 gradients in)."""
+    grads = torch.randn(rows, p, generator=torch.Generator().manual_seed(0))
+    return _best(lambda: inverse.solve(grads), repeats) / rows
 
 
 def _best(fn, repeats: int, warm_up: bool = True) -> float:
@@ -435,6 +447,8 @@ def _eigh_stage(method, p, layers, cal: Calibration) -> StageEstimate:
 def _query_stage(method, p, n_query, qblock, layers, cal: Calibration) -> StageEstimate:
     if method == "flat":
         solve = 4 * n_query * p * p / cal.gemm_flops["float64"]
+    elif cal.solve_seconds > 0:  # the fitted inverse's own solve, timed
+        solve = n_query * cal.solve_seconds
     else:
         solve = sum(4 * n_query * lay.d_out * lay.width * (lay.d_out + lay.width)
                     for lay in layers) / cal.factor_flops
