@@ -103,15 +103,17 @@ class Influence:
         runtime = resolve_runtime(runtime)
         pre = self.precondition(query, runtime)
 
-        def columns(part, local):  # [n_part, n_query]: one row per training example
-            return torch.cat([(pre @ g.to(pre.dtype).T).T
+        def scores(part, local):  # [n_query, n_part]
+            return torch.cat([pre @ g.to(pre.dtype).T
                               for _, g in self._train_stream(part, local, "scoring train",
-                                                             reuse=True)])
+                                                             reuse=True)], dim=1)
 
-        def empty():
-            return pre.new_empty(0, pre.shape[0])
-
-        return sharded(train, runtime, columns, empty, "training data").T
+        if not runtime.dist.is_distributed:
+            return scores(train, runtime)
+        # processes gather rows: one row per training example, then back to [n_query, n_train]
+        rows = sharded(train, runtime, lambda part, local: scores(part, local).T.contiguous(),
+                       lambda: pre.new_empty(0, pre.shape[0]), "training data")
+        return rows.T.contiguous()
 
     def pairwise_per_module(self, query, train, runtime: Runtime | None = None
                             ) -> dict[str, torch.Tensor]:
