@@ -195,8 +195,9 @@ def plan(target, sample, *, method: str = "flat", n_train: int, n_query: int,
     score_dtype = score_dtype or gradient_dtype
     qblock = query_block_size or _suggest_query_block(n_query, p, _ITEMSIZE[gradient_dtype],
                                                       budget)
+    fit_jacobian = shape["outputs"] * shape["activations"] if method == "flat" else 0
     bsize = batch_size or _suggest_batch_size(p, shape["activations"], gradient_dtype, n_train,
-                                              qblock, score_dtype, k, budget)
+                                              qblock, score_dtype, k, budget, fit_jacobian)
     cal = calibration or calibrate(target, sample, runtime, batch_size=bsize, query_rows=qblock,
                                    score_dtype=score_dtype, method=method,
                                    kfac_labels=kfac_labels, repeats=calibration_repeats)
@@ -226,8 +227,9 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
     the scoring shape ``[query_rows, p] @ [p, batch_size]`` (p capped at 8192) and, for
     ``method="kfac"`` / ``"ekfac"``, the inverse itself fitted on one and on three batches (the
     difference is the statistics' cost of two batches, without the eigendecompositions); for
-    ``method="flat"`` the dense GGN of one and of three batches when ``p`` is at most
-    ``DENSE_CALIBRATION_PARAMS`` (else a model from the forward/backward and GEMM rates).
+    ``method="flat"`` the dense GGN of one and of three batches of at most
+    ``DENSE_CALIBRATION_BATCH`` examples when ``p`` is at most ``DENSE_CALIBRATION_PARAMS``
+    (else a model from the forward/backward and GEMM rates).
     """
     runtime = resolve_runtime(runtime).replace(progress=False)
     shape = _model_shape(target, sample, runtime)
@@ -247,7 +249,8 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
     layers = kfac_layers(target) if method != "flat" else []
     statistics, solve = 0.0, 0.0
     if method != "flat" or p <= DENSE_CALIBRATION_PARAMS:
-        statistics, fitted = _statistics_rate(target, sample, runtime.replace(batch_size=n),
+        rows = n if method != "flat" else min(n, DENSE_CALIBRATION_BATCH)
+        statistics, fitted = _statistics_rate(target, sample, runtime.replace(batch_size=rows),
                                               method, kfac_labels, repeats)
         if method != "flat":
             solve = _solve_rate(fitted, p, min(query_rows, 64), repeats)
@@ -263,6 +266,9 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
 
 DENSE_CALIBRATION_PARAMS = 4096
 """Largest p for which ``method="flat"`` is calibrated on a real dense curvature (128 MiB)."""
+DENSE_CALIBRATION_BATCH = 128
+"""Largest batch the dense curvature is calibrated on (its batched Jacobian's cost and memory
+grow with the square of the batch)."""
 
 
 def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
@@ -506,13 +512,16 @@ def _suggest_query_block(n_query: int, p: int, itemsize: int, budget: int) -> in
 
 
 def _suggest_batch_size(p, activations, gradient_dtype, n_train, qblock, score_dtype, k,
-                        budget) -> int:
+                        budget, fit_jacobian: int = 0) -> int:
+    """The largest power of two up to 1024 whose gradients and scores (and, for the flat fit,
+    the batched Jacobian: ``B² × fit_jacobian`` numbers) take at most half the budget."""
     bsize = 1
     for candidate in (2**i for i in range(11)):
         if candidate > n_train:
             break
         need = (gradient_memory_bytes(p, candidate, activations, _ITEMSIZE[gradient_dtype])
-                + scoring_memory_bytes(p, qblock, candidate, _ITEMSIZE[score_dtype], k))
+                + scoring_memory_bytes(p, qblock, candidate, _ITEMSIZE[score_dtype], k)
+                + candidate * candidate * fit_jacobian * _ITEMSIZE[gradient_dtype])
         if need > budget // 2:
             break
         bsize = candidate
