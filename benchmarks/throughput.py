@@ -1,6 +1,7 @@
 """Throughput of large runs; every figure is a ratio against a baseline measured in the same run.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/throughput.py [--quick]
+        [--sections scoring processes sweep gradients]
 
 1. Scoring vs a plain GEMM of the same shape ``[n_query, p] @ [p, n_train]`` (float32, bfloat16):
    blocked GEMMs, blocked GEMMs into a running top-k, blocked GEMMs into a score store
@@ -10,10 +11,16 @@
 3. Top-k scoring (``stream_scores``, k=10) time and peak memory as n_train grows 1k -> 100k and
    n_query 10 -> 10k; each point in a fresh process, peak = growth of the resident set after
    the data are built (goal: memory flat in n_train, time linear).
-4. Per-example gradients vs a plain batched forward+backward: TODO, after the gradient engine
-   of the one-boundary refactor lands.
+4. Per-example gradients (``ik.grads.iter_gradients``, each ``Runtime(engine=...)``) vs a plain
+   batched forward+backward of the summed loss over the same loader (goal: within 1.5x), on a
+   64-256-256-10 MLP, a small CNN and the tiny BERT of tests/transformer_models.py (all its
+   parameters, and without its position embeddings); float32, one thread, best of 3; the
+   baseline and the pass are benchmarks/hook_gradients.py's. Each model in a fresh process,
+   once with glibc's defaults and once with ``MALLOC_MMAP_MAX_=0`` (large blocks reused from
+   the heap instead of fresh ``mmap`` pages, which are zero-filled on first touch).
 
-Workers (``--parallel-worker``, ``--sweep-worker``) are this file run in subprocesses.
+Workers (``--parallel-worker``, ``--sweep-worker``, ``--gradient-worker``) are this file run in
+subprocesses.
 """
 
 import argparse
@@ -181,11 +188,116 @@ def _run_json(cmd, env) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# -- 4. per-example gradients vs a plain batched forward+backward -----------------------------
+def gradient_cases(quick: bool) -> dict:
+    """``{name: (target, data, batch size)}``, float32."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
+                        nn.Linear(256, 10))
+    n = 1024 if quick else 4096
+    cases = {"MLP 64-256-256-10": (ik.Target(mlp, ik.ClassificationTask()),
+                                   (torch.randn(n, 64), torch.randint(0, 10, (n,))), 256)}
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
+    n = 256 if quick else 1024
+    cases["CNN 2 conv + linear, 28x28"] = (ik.Target(cnn, ik.ClassificationTask()),
+                                           (torch.randn(n, 1, 28, 28),
+                                            torch.randint(0, 10, (n,))), 128)
+    bert = tiny_bert()
+    if bert is not None:
+        n = 256 if quick else 1024
+        gen = torch.Generator().manual_seed(0)
+        lengths = torch.randint(4, 17, (n,), generator=gen)
+        ids = torch.randint(1, 11, (n, 16), generator=gen)
+        mask = (torch.arange(16)[None] < lengths[:, None]).long()
+        data = {"input_ids": ids * mask, "attention_mask": mask,
+                "labels": torch.randint(0, 3, (n,), generator=gen)}
+        cases["tiny BERT (tests/transformer_models.py), T=16"] = (
+            ik.Target(bert, ik.SequenceClassificationTask()), data, 64)
+        # position ids [1, T] are shared by the batch: their embedding cannot be hooked per
+        # example, so "auto" runs a per-example loop for it; without it every layer is hooked
+        hookable = [n for n, _ in bert.named_parameters() if "position_embeddings" not in n]
+        cases["tiny BERT without position embeddings"] = (
+            ik.Target(bert, ik.SequenceClassificationTask(), params=hookable), data, 64)
+    return cases
+
+
+def tiny_bert():
+    """The tiny BERT of tests/transformer_models.py (2 layers, hidden 8), float32; None
+    without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=11, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=12, max_position_embeddings=16, num_labels=3, pad_token_id=0,
+        attn_implementation="sdpa")
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def per_example_vs_batched(target, data, batch_size: int) -> tuple[float, dict]:
+    """(seconds of forward+backward of the summed loss over every batch, {engine: seconds of
+    a pass of per-example gradients ``[B, p]``, or the error}); the baseline and the pass are
+    those of benchmarks/hook_gradients.py, each the best of 3."""
+    import hook_gradients
+
+    base = hook_gradients.best_time(
+        lambda: hook_gradients.plain_backward(target, data, batch_size), 3)
+    engines = {}
+    for engine in ("auto", "hooks", "vmap", "loop"):
+        try:
+            engines[engine] = hook_gradients.best_time(
+                lambda e=engine: hook_gradients.engine_pass(target, data, e, batch_size), 3)
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            engines[engine] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+    return base, engines
+
+
+def gradient_worker(index: int, quick: bool) -> None:
+    """Time case ``index`` of :func:`gradient_cases` in this process; print JSON."""
+    torch.set_num_threads(1)
+    name, (target, data, batch) = list(gradient_cases(quick).items())[index]
+    n = len(next(iter(data.values())) if isinstance(data, dict) else data[0])
+    base, engines = per_example_vs_batched(target, data, batch)
+    print(json.dumps({"name": name, "p": target.num_params, "n": n, "batch": batch,
+                      "base": base, "engines": engines}))
+
+
+MALLOC_REUSE = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def gradient_rows(quick: bool) -> list[tuple[str, dict]]:
+    src = str(HERE.parent.parent / "src")
+    rows = []
+    for index in range(len(gradient_cases(quick))):
+        for label, extra in (("default", {}), ("heap reuse", MALLOC_REUSE)):
+            args = [sys.executable, str(HERE), "--gradient-worker", str(index)]
+            env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": src, **extra}
+            rows.append((label, _run_json(args + (["--quick"] if quick else []), env)))
+    return rows
+
+
 # -- report -------------------------------------------------------------------------------------
-def main(quick: bool) -> None:
+SECTIONS = ("scoring", "processes", "sweep", "gradients")
+
+
+def main(quick: bool, sections=SECTIONS) -> None:
     torch.set_num_threads(1)
     print(f"load at start: {load()}, torch {torch.__version__}, threads 1 unless stated\n")
+    if "scoring" in sections:
+        scoring_section(quick)
+    if "processes" in sections:
+        processes_section(quick)
+    if "sweep" in sections:
+        sweep_section(quick)
+    gradient_section(quick, sections)
+    print(f"\nload at end: {load()}")
 
+
+def scoring_section(quick: bool) -> None:
     n_query, p, n_train = (50, 1024, 8192) if quick else (100, 2048, 20480)
     print(f"### Scoring vs a plain GEMM [{n_query}, {p}] @ [{p}, {n_train}], blocks of 1024\n")
     print("| dtype | GEMM s | GEMM GFLOP/s | variant | s | share of GEMM rate |")
@@ -196,6 +308,8 @@ def main(quick: bool) -> None:
             print(f"| {str(dtype)[6:]} | {base:.3f} | {flops / 1e9:.1f} | {name} | {t:.3f} | "
                   f"{ratio:.0%} |")
 
+
+def processes_section(quick: bool) -> None:
     n_train_pt, n_query_pt = (1024, 10) if quick else (4096, 20)
     one, two = processes_vs_threads(n_train_pt, n_query_pt)
     print(f"\n### 2 processes x 1 thread vs 1 process x 2 threads (stream_scores, top-10, "
@@ -204,6 +318,8 @@ def main(quick: bool) -> None:
     print("| --- | --- | --- |")
     print(f"| {one:.2f} | {two:.2f} | {one / two:.2f} |")
 
+
+def sweep_section(quick: bool) -> None:
     if quick:
         train_points = [(100, 1000), (100, 10000)]
         query_points = [(10, 10000), (1000, 10000)]
@@ -219,11 +335,19 @@ def main(quick: bool) -> None:
     for nq, nt, s, peak, _ in rows:
         print(f"| {nq} | {nt} | {s:.2f} | {s / nt * 1e6:.0f} | {peak / 2**20:.1f} |")
 
-    print("\n### Per-example gradients vs a plain batched forward+backward\n")
-    print("| model | per-example s | forward+backward s | ratio |")
-    print("| --- | --- | --- | --- |")
-    print("| TODO | (after the gradient engine of the one-boundary refactor lands) | | |")
-    print(f"\nload at end: {load()}")
+
+def gradient_section(quick: bool, sections) -> None:
+    if "gradients" in sections:
+        print("\n### Per-example gradients vs a plain batched forward+backward (float32, one "
+              "thread, ratio = per-example / forward+backward)\n")
+        print("| model | p | n | batch | malloc | forward+backward s | engine | per-example s | "
+              "ratio |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, r in gradient_rows(quick):
+            for engine, t in r["engines"].items():
+                cells = (f"{t:.3f} | {t / r['base']:.2f}" if isinstance(t, float) else f"{t} | -")
+                print(f"| {r['name']} | {r['p']:,} | {r['n']} | {r['batch']} | {label} | "
+                      f"{r['base']:.3f} | {engine} | {cells} |")
 
 
 if __name__ == "__main__":
@@ -231,10 +355,14 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--parallel-worker", nargs=2, type=int)
     parser.add_argument("--sweep-worker", nargs=2, type=int)
+    parser.add_argument("--gradient-worker", type=int)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
     args = parser.parse_args()
     if args.parallel_worker:
         parallel_worker(*args.parallel_worker)
     elif args.sweep_worker:
         sweep_worker(*args.sweep_worker)
+    elif args.gradient_worker is not None:
+        gradient_worker(args.gradient_worker, args.quick)
     else:
-        main(args.quick)
+        main(args.quick, args.sections)

@@ -16,7 +16,22 @@ from safetensors.torch import save_file
 import influencekit as ik
 from influencekit.distributed import DistContext
 from influencekit.errors import StoreError
-from scale_problem import build_problem
+from scale_problem import build_kfac_problem, build_problem, sharded_fits
+
+
+def count_eigh(fn):
+    """``(fn(), number of torch.linalg.eigh calls it made in this process)``."""
+    calls = []
+    eigh = torch.linalg.eigh
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return eigh(*args, **kwargs)
+    torch.linalg.eigh = counted
+    try:
+        return fn(), len(calls)
+    finally:
+        torch.linalg.eigh = eigh
 
 
 def main(out: Path) -> None:
@@ -61,6 +76,13 @@ def main(out: Path) -> None:
             refused = 0
         except StoreError:
             refused = 1
+        # sharded curvature, fits, scores and gradients (Runtime.context), and fit stores
+        runtime = ik.Runtime(batch_size=5, progress=False, context=ctx)
+        fits = sharded_fits(runtime)
+        stored = sharded_fits(runtime, store=out / "fitstore")
+        target, kfac_train, _, _ = build_kfac_problem()
+        _, eigh_calls = count_eigh(lambda: ik.KFAC(damping=1e-2).fit(
+            ik.Curvature(target, kfac_train), runtime))
         top = result.top_k
         tensors = {
             "refused": torch.tensor([refused]),
@@ -72,6 +94,9 @@ def main(out: Path) -> None:
             "world_size": torch.tensor([ctx.world_size]),
             "owned": torch.tensor([len(mine)]),
             **{f"eig/{n}": v for n, v in eigenvalues.items()},
+            **{f"fits/{k}": v for k, v in fits.items()},
+            **{f"stored/{k}": v for k, v in stored.items()},
+            "eigh_calls": torch.tensor([eigh_calls]),
         }
         save_file({k: v.contiguous() for k, v in tensors.items()},
                   str(out / f"rank{ctx.rank}.safetensors"))

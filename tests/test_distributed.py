@@ -15,7 +15,7 @@ import influencekit as ik
 from influencekit.distributed import DistContext, Partition, assign_owners, contiguous_range
 from influencekit.errors import DistributedError, InfluenceKitError
 
-from .scale_problem import build_problem
+from .scale_problem import build_problem, sharded_fits
 
 HERE = Path(__file__).parent
 
@@ -96,10 +96,26 @@ def one_process():
     return scores, grads, eig
 
 
+@pytest.fixture(scope="module")
+def one_process_fits(tmp_path_factory):
+    """The sharded computations of the workers, in this process without a DistContext; and
+    the same fits written to fit stores (threads as in the workers: results to the bit)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runtime = ik.Runtime(batch_size=5, progress=False)
+        fits = sharded_fits(runtime)
+        stored = sharded_fits(runtime, store=tmp_path_factory.mktemp("fitstore"))
+    finally:
+        torch.set_num_threads(threads)
+    return fits, stored
+
+
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_torchrun_matches_one_process(tmp_path, one_process, nproc):
+def test_torchrun_matches_one_process(tmp_path, one_process, one_process_fits, nproc):
     scores, grads, eig = one_process
     ranks = _launch(tmp_path, nproc)
+    _check_sharded_fits(ranks, *one_process_fits)
     n_train = grads.shape[0]
     helpful = torch.sort(scores, dim=1, descending=True, stable=True)
     harmful = torch.sort(scores, dim=1, stable=True)
@@ -130,3 +146,26 @@ def test_torchrun_matches_one_process(tmp_path, one_process, nproc):
     # the per-module eigendecompositions were split: every rank owned at least one
     assert sum(int(g["owned"]) for g in ranks) == len(eig)
     assert all(int(g["owned"]) >= 1 for g in ranks)
+
+
+def _check_sharded_fits(ranks: list[dict], fits: dict, stored: dict) -> None:
+    """K-FAC / EK-FAC factors, eigendecompositions and corrections, dense curvature, products,
+    CG, scores and gradients under torchrun equal one process (float64 tolerance); every rank
+    holds the same bits; fits through fit stores equal one process's bit for bit."""
+    n_train, n_layers = 23, 3
+    for r, got in enumerate(ranks):
+        for key, expected in fits.items():
+            value = got[f"fits/{key}"]
+            assert torch.equal(value, ranks[0][f"fits/{key}"]), (r, key)  # same on every rank
+            if key.endswith("n_examples"):  # the all-reduced example count
+                assert int(value) == n_train, (r, key)
+            elif "eigenvectors_" in key:  # defined up to sign: compare |Q|
+                torch.testing.assert_close(value.abs(), expected.abs(), rtol=0, atol=1e-9)
+            else:
+                torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12,
+                                           msg=lambda m, key=key: f"{key}: {m}")
+        for key, expected in stored.items():  # chunks added in chunk order: the same bits
+            assert torch.equal(got[f"stored/{key}"], expected), (r, key)
+    # the eigendecompositions (two per layer) were split across the ranks, none done twice
+    calls = [int(g["eigh_calls"]) for g in ranks]
+    assert sum(calls) == 2 * n_layers and max(calls) < 2 * n_layers, calls

@@ -20,7 +20,6 @@ from influencekit.storage import ResultsArray, ScoreStore, merge_score_stores
 from influencekit.testing import workers
 from influencekit.testing.faults import (
     RowLedger,
-    Zygote,
     kill_and_resume,
     run_concurrently,
     run_once,
@@ -29,12 +28,6 @@ from influencekit.testing.faults import (
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    with Zygote(env=ENV) as z:
-        yield z
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +175,7 @@ def test_partitions_with_one_writer_killed_then_resumed(tmp_path, seed, zygote, 
 
 
 # -- score stores -------------------------------------------------------------------------------
-N_TRAIN = 120  # 20 blocks of 6
+N_TRAIN = 600  # 100 blocks of 6 (a run of ~0.3 s: kills land inside it)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +198,7 @@ def score_runs(zygote, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def score_reference(score_runs):
-    """``(blocks, seconds)`` of the default suite's score problem (20 blocks)."""
+    """``(blocks, seconds)`` of the default suite's score problem (100 blocks)."""
     return score_runs(N_TRAIN)
 
 
@@ -286,7 +279,7 @@ def test_two_partitions_written_at_once_then_merged(tmp_path, zygote, score_refe
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_many_kills_of_score_runs_resume_bit_identical(tmp_path, seed, zygote, score_runs):
-    """40 blocks; a kill aimed at the last blocks may come after the run ended (the benchmark
+    """200 blocks; a kill aimed at the last blocks may come after the run ended (the benchmark
     saw 44 of 50 land), so at least 6 of 10 must land."""
-    report = _score_kill_campaign(tmp_path, seed, 10, zygote, score_runs(240), n_train=240)
+    report = _score_kill_campaign(tmp_path, seed, 10, zygote, score_runs(1200), n_train=1200)
     assert report.kills >= 6

@@ -1,120 +1,173 @@
-"""A score store written by a process that is killed with SIGKILL at random points (repeated),
-then resumed, ends bit-identical to an uninterrupted run (scores, done-mask, manifest, top-k).
+"""Stores of the scale stages, written by processes killed with SIGKILL at random points
+(repeated), then resumed, end bit-identical to an uninterrupted run:
 
-The writers are forked by one server process (tests/scale_store_writer.py --serve) so that each
-run does not pay for importing torch again; every writer is its own process, killed by pid.
+- a score store (``stream_scores``: scores, done-mask, manifest, top-k);
+- a fit store (EK-FAC's factor and eigenvalue-correction statistics chunk by chunk, and the
+  fitted inverse), no chunk once written lost or changed.
+
+Both run on the fault harness (:mod:`influencekit.testing.faults`): the workers of
+:mod:`influencekit.testing.workers`, forked from a :class:`Zygote` that imported torch once,
+each run its own process, killed by pid at a point inside the work (:class:`KillAtProgress`).
 """
 
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from influencekit.storage import ScoreStore
+from influencekit.storage import ResultsArray, ScoreStore, load_inverse
+from influencekit.testing import workers
+from influencekit.testing.faults import RowLedger, kill_and_resume, run_once
 
-HERE = Path(__file__).parent
-TOTAL_BLOCKS = 200  # 1200 training examples in blocks of 6, one block of queries
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
 
-
-class WriterServer:
-    def __init__(self):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "scale_store_writer.py"), "--serve"], env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.live: set[int] = set()  # writers started and not yet reaped
-        self._expect("ready")
-
-    def _expect(self, word: str) -> str:
-        line = self.proc.stdout.readline().strip()
-        assert line.startswith(word), f"writer server said {line!r}"
-        return line[len(word):].strip()
-
-    def start(self, folder: Path) -> int:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.proc.stdin.write(f"run {folder}\n")
-        self.proc.stdin.flush()
-        pid = int(self._expect("pid"))
-        self.live.add(pid)
-        return pid
-
-    def wait(self, pid: int) -> int:
-        self.proc.stdin.write(f"wait {pid}\n")
-        self.proc.stdin.flush()
-        status = int(self._expect("status"))
-        self.live.discard(pid)
-        return status
-
-    def close(self):
-        for pid in list(self.live):  # a writer left running by a failed test
-            os.kill(pid, signal.SIGKILL)
-            self.wait(pid)
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self.proc.stdout.close()
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+SCORE_BLOCKS = 200  # 1200 training examples in blocks of 6, one block of queries
 
 
-@pytest.fixture
-def server():
-    s = WriterServer()
-    yield s
-    s.close()
-
-
-def _done_blocks(folder: Path) -> int:
+# -- score store ------------------------------------------------------------------------------
+def _done_blocks(folder) -> int:
     return ScoreStore.blocks_done(folder / "store")
 
 
-def _kill(server: WriterServer, pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    status = server.wait(pid)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+def _score_reader(folder):
+    def read():
+        if not (folder / "store" / "manifest.json").exists():
+            return None
+        store = ScoreStore.load(folder / "store", writable=False)
+        done = store.done()[0]
+        return done, [store.read_block(0, ti).numpy() for ti in range(len(done))]
+    return read
 
 
-def _kill_after(server, pid, folder: Path, at_least: int, rng: random.Random) -> None:
-    """SIGKILL the writer a random moment after ``at_least`` blocks are done."""
-    deadline = time.monotonic() + 120
-    while _done_blocks(folder) < at_least:
-        assert time.monotonic() < deadline, "the writer made no progress"
-        time.sleep(0.001)
-    time.sleep(rng.uniform(0, 0.005))
-    _kill(server, pid)
-
-
-def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, server):
-    rng = random.Random(11)
+def _score_kill_campaign(tmp_path, zygote, seed, kills):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    uninterrupted = server.start(reference)  # runs beside the killed writers
-
-    # a kill right after start (during the store's creation or its first blocks) ...
-    pid = server.start(killed)
-    time.sleep(rng.uniform(0, 0.05))
-    _kill(server, pid)
-    progress = [_done_blocks(killed)]
-    # ... then kills at random points further on, each after at least one more block
-    for target in sorted(rng.sample(range(20, TOTAL_BLOCKS - 20), 3)):
-        pid = server.start(killed)
-        _kill_after(server, pid, killed, max(target, progress[-1] + 1), rng)
-        progress.append(_done_blocks(killed))
-    assert all(0 < d < TOTAL_BLOCKS for d in progress[1:]), progress
-    assert progress == sorted(progress), progress
-    assert not (killed / "top_k.safetensors").exists()
-    assert server.wait(server.start(killed)) == 0  # resume to the end
-    assert server.wait(uninterrupted) == 0
-
-    ref_scores = np.load(reference / "store" / "scores.npy")
-    got_scores = np.load(killed / "store" / "scores.npy")
-    assert ref_scores.dtype == got_scores.dtype == np.float32
-    assert ref_scores.tobytes() == got_scores.tobytes()
+    first = run_once(workers.command("score_store", reference), env=ENV, launcher=zygote)
+    assert first.returncode == 0, first.output
+    ref_store = ScoreStore.load(reference / "store", writable=False)
+    ledger = RowLedger(_score_reader(killed),
+                       np.stack([ref_store.read_block(0, t).numpy() for t in range(SCORE_BLOCKS)]))
+    # a kill right after the start (during the store's creation or its first blocks) ...
+    rng = random.Random(seed)
+    early = run_once(workers.command("score_store", killed), kill_after=rng.uniform(0, 0.05),
+                     env=ENV, launcher=zygote)
+    ledger(early)
+    # ... then kills inside the work left, and a last run to the end
+    report = kill_and_resume(workers.command("score_store", killed), kills=kills, seed=seed,
+                             progress=lambda: _done_blocks(killed), total=SCORE_BLOCKS,
+                             unit_seconds=first.seconds / SCORE_BLOCKS, env=ENV,
+                             after_each=ledger, launcher=zygote)
+    assert report.completed, report.runs[-1].output
+    assert all(r.returncode == -signal.SIGKILL for r in report.runs if r.killed)
+    assert ledger.clean, (ledger.lost, ledger.wrong, ledger.unreadable)
+    progress = ledger.done_after
+    assert progress == sorted(progress) and progress[-1] == SCORE_BLOCKS, progress
     stores = [ScoreStore.load(f / "store", writable=False) for f in (reference, killed)]
     assert stores[1].complete and stores[1].verify() == []
     assert stores[1].manifest == stores[0].manifest  # the same run (store ids differ)
+    blocks = [np.stack([s.read_block(0, t).numpy() for t in range(SCORE_BLOCKS)]) for s in stores]
+    assert blocks[0].dtype == blocks[1].dtype == np.float32
+    assert blocks[0].tobytes() == blocks[1].tobytes()
     ref_top, got_top = (load_file(str(f / "top_k.safetensors")) for f in (reference, killed))
     assert all(ref_top[k].numpy().tobytes() == got_top[k].numpy().tobytes() for k in ref_top)
+    return report
+
+
+def test_score_store_killed_at_random_points_resumes_bit_identical(tmp_path, zygote):
+    report = _score_kill_campaign(tmp_path, zygote, seed=11, kills=3)
+    assert report.kills >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_score_store_many_kills(tmp_path, zygote, seed):
+    report = _score_kill_campaign(tmp_path, zygote, seed=seed, kills=10)
+    assert report.kills >= 8
+
+
+# -- fit store --------------------------------------------------------------------------------
+PASSES = ("factors", "corrections")
+
+
+def _fit_progress(folder):
+    return lambda: sum(ResultsArray.rows_done(folder / "fit" / name) for name in PASSES)
+
+
+def _fit_reader(folder, n_chunks):
+    """Rows of both passes, in order (a pass not yet created counts as rows not done)."""
+    def read():
+        done, values = [], []
+        for name in PASSES:
+            path = folder / "fit" / name
+            if not (path / "meta.json").exists():
+                done += [False] * n_chunks
+                values += [np.zeros(0)] * n_chunks
+                continue
+            array = ResultsArray.read(path)
+            done += list(array.done())
+            values += list(array.values())
+        return np.array(done), values
+    return read
+
+
+def _fit_kill_campaign(tmp_path, zygote, seed, kills, n_train, method="EKFAC"):
+    n_chunks = n_train // workers.FIT_BATCH  # one batch per chunk
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    args = ("--method", method, "--examples", n_train)
+    first = run_once(workers.command("fit_store", reference, *args), env=ENV, launcher=zygote)
+    assert first.returncode == 0, first.output
+    ref_done, ref_rows = _fit_reader(reference, n_chunks)()
+    assert ref_done.all()
+    ledger = RowLedger(_fit_reader(killed, n_chunks), np.array(ref_rows, dtype=object))
+    report = kill_and_resume(workers.command("fit_store", killed, *args), kills=kills, seed=seed,
+                             progress=_fit_progress(killed), total=2 * n_chunks,
+                             unit_seconds=first.seconds / (2 * n_chunks), env=ENV,
+                             after_each=ledger, launcher=zygote)
+    assert report.completed, report.runs[-1].output
+    assert all(r.returncode == -signal.SIGKILL for r in report.runs if r.killed)
+    assert ledger.clean, (ledger.lost, ledger.wrong, ledger.unreadable)
+    assert ledger.done_after == sorted(ledger.done_after), ledger.done_after
+    expected = load_inverse(reference / "inverse")
+    got = load_inverse(killed / "inverse")
+    state, ref_state = got.state_dict(), expected.state_dict()
+    assert sorted(state) == sorted(ref_state)
+    assert all(state[k].numpy().tobytes() == ref_state[k].numpy().tobytes() for k in state)
+    # the uninterrupted store fit is the fit without a store (to rounding: other sums' order)
+    plain = workers.fit_inverse(method, n_train)
+    torch.testing.assert_close(expected.matrix(), plain.matrix(), rtol=1e-10, atol=1e-13)
+    return report, ledger
+
+
+def test_fit_store_killed_at_random_points_resumes_bit_identical(tmp_path, zygote):
+    report, ledger = _fit_kill_campaign(tmp_path, zygote, seed=0, kills=3, n_train=240)
+    assert report.kills >= 2
+    assert 0 < ledger.done_after[0] < 48  # the first kill landed inside the work
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_fit_store_many_kills(tmp_path, zygote, seed):
+    report, _ = _fit_kill_campaign(tmp_path, zygote, seed=seed, kills=10, n_train=600)
+    assert report.kills >= 8
+
+
+@pytest.mark.slow
+def test_dense_fit_store_killed_resumes_bit_identical(tmp_path, zygote):
+    """The same for an Exact fit (one pass of dense curvature sums)."""
+    n_train = 240
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    args = ("--method", "Exact", "--examples", n_train)
+    first = run_once(workers.command("fit_store", reference, *args), env=ENV, launcher=zygote)
+    assert first.returncode == 0, first.output
+    n_chunks = n_train // workers.FIT_BATCH
+    report = kill_and_resume(workers.command("fit_store", killed, *args), kills=4, seed=5,
+                             progress=lambda: ResultsArray.rows_done(killed / "fit" / "dense"),
+                             total=n_chunks, unit_seconds=first.seconds / n_chunks, env=ENV,
+                             launcher=zygote)
+    assert report.completed and report.kills >= 3
+    expected, got = (load_inverse(f / "inverse").state_dict() for f in (reference, killed))
+    assert all(got[k].numpy().tobytes() == expected[k].numpy().tobytes() for k in expected)

@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from torch.utils.data import ConcatDataset, Subset
 
-from .errors import InfluenceKitError
-from .grads import as_loader, iter_gradients
+from .errors import InfluenceKitError, UnsupportedModuleError
+from .grads import Layer, as_loader, find_layers, iter_gradients
+from .inverse.kfac import FACTORED_KINDS
 from .runtime import Runtime, resolve_runtime
 
 logger = logging.getLogger("influencekit")
@@ -58,11 +58,14 @@ class Calibration:
             (tracing, allocations), counted once in the plan's total.
         eigh_seconds_per_cube: seconds of a float64 eigendecomposition divided by d³.
         topk_seconds: a running top-k update, seconds per score.
-        statistics_seconds: K-FAC / EK-FAC statistics (all passes over the data), seconds per
-            example, measured by fitting the inverse on one and on two batches (0 for flat).
+        statistics_seconds: K-FAC / EK-FAC statistics (all passes over the data), or the dense
+            GGN of ``method="flat"`` (when ``p <= DENSE_CALIBRATION_PARAMS``), seconds per
+            example, measured by fitting on one and on three batches (0 for a large flat p).
         activations: numbers produced by the model's leaf modules per example.
         outputs: model outputs per example (e.g. the number of classes).
         gradient_dtype: dtype of the gradients (the parameters' or the runtime's).
+        solve_seconds: for ``method="kfac"`` / ``"ekfac"``: the fitted inverse's ``solve`` of
+            query gradients, seconds per row (0: estimated from ``factor_flops``).
     """
 
     gradient_seconds: float
@@ -77,6 +80,7 @@ class Calibration:
     activations: int
     outputs: int
     gradient_dtype: str
+    solve_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -191,8 +195,9 @@ def plan(target, sample, *, method: str = "flat", n_train: int, n_query: int,
     score_dtype = score_dtype or gradient_dtype
     qblock = query_block_size or _suggest_query_block(n_query, p, _ITEMSIZE[gradient_dtype],
                                                       budget)
+    fit_jacobian = shape["outputs"] * shape["activations"] if method == "flat" else 0
     bsize = batch_size or _suggest_batch_size(p, shape["activations"], gradient_dtype, n_train,
-                                              qblock, score_dtype, k, budget)
+                                              qblock, score_dtype, k, budget, fit_jacobian)
     cal = calibration or calibrate(target, sample, runtime, batch_size=bsize, query_rows=qblock,
                                    score_dtype=score_dtype, method=method,
                                    kfac_labels=kfac_labels, repeats=calibration_repeats)
@@ -220,8 +225,11 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
 
     Timings use batches of ``batch_size`` examples (``sample`` repeated as needed), a GEMM of
     the scoring shape ``[query_rows, p] @ [p, batch_size]`` (p capped at 8192) and, for
-    ``method="kfac"`` / ``"ekfac"``, the inverse itself fitted on one and on two batches (the
-    difference is the statistics' cost per batch, without the eigendecompositions).
+    ``method="kfac"`` / ``"ekfac"``, the inverse itself fitted on one and on three batches (the
+    difference is the statistics' cost of two batches, without the eigendecompositions); for
+    ``method="flat"`` the dense GGN of one and of three batches of at most
+    ``DENSE_CALIBRATION_BATCH`` examples when ``p`` is at most ``DENSE_CALIBRATION_PARAMS``
+    (else a model from the forward/backward and GEMM rates).
     """
     runtime = resolve_runtime(runtime).replace(progress=False)
     shape = _model_shape(target, sample, runtime)
@@ -239,10 +247,13 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
     gemm = {name: _gemm_rate(min(query_rows, 256), min(p, 8192), min(n, 512),
                              getattr(torch, name), repeats) for name in sorted(dtypes)}
     layers = kfac_layers(target) if method != "flat" else []
-    statistics = 0.0
-    if method != "flat":
-        statistics = _statistics_rate(target, sample, runtime.replace(batch_size=n), method,
-                                      kfac_labels, repeats)
+    statistics, solve = 0.0, 0.0
+    if method != "flat" or p <= DENSE_CALIBRATION_PARAMS:
+        rows = n if method != "flat" else min(n, DENSE_CALIBRATION_BATCH)
+        statistics, fitted = _statistics_rate(target, sample, runtime.replace(batch_size=rows),
+                                              method, kfac_labels, repeats)
+        if method != "flat":
+            solve = _solve_rate(fitted, p, min(query_rows, 64), repeats)
     return Calibration(
         gradient_seconds=grads / n, forward_seconds=forward_s / n,
         backward_seconds=backward_s / n, gemm_flops=gemm,
@@ -250,27 +261,45 @@ def calibrate(target, sample, runtime: Runtime | None = None, *, batch_size: int
         first_call_seconds=first_call, eigh_seconds_per_cube=_eigh_rate(repeats),
         topk_seconds=_topk_rate(min(query_rows, 256), min(n, 1024), repeats),
         statistics_seconds=statistics, activations=shape["activations"],
-        outputs=shape["outputs"], gradient_dtype=shape["gradient_dtype"])
+        outputs=shape["outputs"], gradient_dtype=shape["gradient_dtype"], solve_seconds=solve)
+
+
+DENSE_CALIBRATION_PARAMS = 4096
+"""Largest p for which ``method="flat"`` is calibrated on a real dense curvature (128 MiB)."""
+DENSE_CALIBRATION_BATCH = 128
+"""Largest batch the dense curvature is calibrated on (its batched Jacobian's cost and memory
+grow with the square of the batch)."""
 
 
 def _statistics_rate(target, sample, runtime: Runtime, method: str, labels: str,
                      repeats: int) -> float:
-    """Seconds per example of K-FAC / EK-FAC statistics: fits on two batches minus one."""
+    """``(seconds per example of the fit's passes over the data, the inverse fitted on one
+    batch)`` (K-FAC / EK-FAC statistics, or the dense GGN; no inverse for it): three batches
+    minus one, over two, so fixed costs and eigendecompositions cancel."""
     from .curvature import Curvature
     from .inverse import EKFAC, KFAC
 
     one = _repeat_to(sample, runtime, runtime.batch_size)
-    two = _repeat_to(sample, runtime, 2 * runtime.batch_size)
+    three = _repeat_to(sample, runtime, 3 * runtime.batch_size)
     kind = "empirical_fisher" if labels == "empirical" else "ggn"
     cls = EKFAC if method == "ekfac" else KFAC
 
     def fit(data):
+        if method == "flat":
+            return lambda: Curvature(target, data, "ggn").dense(runtime)
         return lambda: cls(damping=1.0, labels=labels).fit(Curvature(target, data, kind),
                                                            runtime, stationarity=False)
 
     t_one = _best(fit(one), repeats)
-    t_two = _best(fit(two), repeats)
-    return max(t_two - t_one, 0.1 * t_one) / runtime.batch_size
+    t_three = _best(fit(three), repeats)
+    rate = max(t_three - t_one, 0.2 * t_one) / (2 * runtime.batch_size)
+    return rate, (fit(one)() if method != "flat" else None)
+
+
+def _solve_rate(inverse, p: int, rows: int, repeats: int) -> float:
+    """Seconds per query row of the fitted inverse's ``solve`` (float32 gradients in)."""
+    grads = torch.randn(rows, p, generator=torch.Generator().manual_seed(0))
+    return _best(lambda: inverse.solve(grads), repeats) / rows
 
 
 def _best(fn, repeats: int, warm_up: bool = True) -> float:
@@ -373,32 +402,16 @@ def _batch_rows(batch) -> int:
 
 
 # -- stages -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KfacLayer:
-    """A layer as K-FAC sees it: input width (with a column for the bias) and output width."""
-
-    name: str
-    width: int
-    d_out: int
-
-
-def kfac_layers(target) -> list[KfacLayer]:
-    """The Linear / Conv layers of the Target's selected parameters, from their shapes."""
-    selected = set(target.space.names)
-    layers = []
-    for name, module in target.model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            prefix = f"{name}." if name else ""
-            if prefix + "weight" not in selected:
-                continue
-            bias = module.bias is not None and prefix + "bias" in selected
-            w = module.weight
-            layers.append(KfacLayer(name or type(module).__name__, int(w[0].numel()) + int(bias),
-                                    int(w.shape[0])))
-    if not layers:
-        raise InfluenceKitError("K-FAC needs Linear or Conv layers among the selected "
-                                "parameters; plan with method='flat'.")
-    return layers
+def kfac_layers(target) -> list[Layer]:
+    """The layers K-FAC factors for the Target (``influencekit.grads.find_layers`` with the
+    kinds of :class:`~influencekit.KFAC`: Linear, Conv2d, GPT-2 Conv1D): each layer's ``width``
+    (input columns, +1 for a bias) and ``d_out``."""
+    try:
+        return find_layers(target, None, FACTORED_KINDS)
+    except UnsupportedModuleError as exc:
+        raise InfluenceKitError(f"K-FAC needs Linear or Conv layers for every selected "
+                                f"parameter ({exc}); plan with method='flat', or restrict the "
+                                "Target's parameters.") from exc
 
 
 def _fit_stage(method, p, n, bsize, layers, tokens, labels, cal: Calibration) -> StageEstimate:
@@ -408,7 +421,12 @@ def _fit_stage(method, p, n, bsize, layers, tokens, labels, cal: Calibration) ->
         per_example = (cal.forward_seconds + cal.outputs * cal.backward_seconds
                        + 2 * cal.outputs * p * p / rate64)
         jacobians = 2 * bsize * cal.outputs * p * 8
-        return StageEstimate("fit", n * per_example, 4 * p * p * 8 + jacobians,
+        # the batch's Jacobian comes from one backward pass batched over its B x outputs
+        # coordinates: every activation of the batch, B x outputs times over
+        batched = bsize * bsize * cal.outputs * cal.activations * _ITEMSIZE[cal.gradient_dtype]
+        if cal.statistics_seconds > 0:  # measured on the dense curvature itself
+            per_example = cal.statistics_seconds
+        return StageEstimate("fit", n * per_example, 4 * p * p * 8 + jacobians + batched,
                              f"dense [p, p] curvature, p={p:,}")
     seconds = n * cal.statistics_seconds
     acts = bsize * tokens * sum(lay.width + lay.d_out for lay in layers) * 8
@@ -435,6 +453,8 @@ def _eigh_stage(method, p, layers, cal: Calibration) -> StageEstimate:
 def _query_stage(method, p, n_query, qblock, layers, cal: Calibration) -> StageEstimate:
     if method == "flat":
         solve = 4 * n_query * p * p / cal.gemm_flops["float64"]
+    elif cal.solve_seconds > 0:  # the fitted inverse's own solve, timed
+        solve = n_query * cal.solve_seconds
     else:
         solve = sum(4 * n_query * lay.d_out * lay.width * (lay.d_out + lay.width)
                     for lay in layers) / cal.factor_flops
@@ -467,10 +487,11 @@ def _scoring_stage(p, n_train, n_query, qblock, bsize, score_dtype, k,
 
 def gradient_memory_bytes(num_params: int, batch_size: int, activations: int,
                           itemsize: int) -> int:
-    """Working memory of per-example gradients ``[B, p]``: about five ``[B, p]`` buffers
-    (per-parameter gradients, their flat copy, the previous block still held by the caller,
-    finiteness checks and temporaries) plus the activations of the backward pass."""
-    return batch_size * (5 * num_params + 3 * activations) * itemsize
+    """Working memory of per-example gradients ``[B, p]``: two ``[B, p]`` buffers (the engine
+    writes every layer's gradients straight into the block's flat buffer; the previous block is
+    still held by its consumer while the next is computed) plus the activations of the
+    backward pass."""
+    return batch_size * (2 * num_params + 3 * activations) * itemsize
 
 
 def scoring_memory_bytes(num_params: int, n_query: int, block_size: int, itemsize: int,
@@ -491,13 +512,16 @@ def _suggest_query_block(n_query: int, p: int, itemsize: int, budget: int) -> in
 
 
 def _suggest_batch_size(p, activations, gradient_dtype, n_train, qblock, score_dtype, k,
-                        budget) -> int:
+                        budget, fit_jacobian: int = 0) -> int:
+    """The largest power of two up to 1024 whose gradients and scores (and, for the flat fit,
+    the batched Jacobian: ``B² × fit_jacobian`` numbers) take at most half the budget."""
     bsize = 1
     for candidate in (2**i for i in range(11)):
         if candidate > n_train:
             break
         need = (gradient_memory_bytes(p, candidate, activations, _ITEMSIZE[gradient_dtype])
-                + scoring_memory_bytes(p, qblock, candidate, _ITEMSIZE[score_dtype], k))
+                + scoring_memory_bytes(p, qblock, candidate, _ITEMSIZE[score_dtype], k)
+                + candidate * candidate * fit_jacobian * _ITEMSIZE[gradient_dtype])
         if need > budget // 2:
             break
         bsize = candidate

@@ -1,4 +1,5 @@
-"""How to run (never what to compute): device, dtype, batch size, progress, memory budget.
+"""How to run (never what to compute): device, dtype, batch size, progress, memory budget,
+and the processes of a distributed run.
 
 Maths settings (damping, rank, iterations, curvature kind) live on the algorithm objects. Changing
 the Runtime may change results only within dtype tolerance.
@@ -21,6 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import DistContext
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -37,6 +40,15 @@ class Runtime:
         engine: how per-example gradients are computed: ``"auto"`` (layer hooks where the
             layer is supported, else vmap, else a per-example loop), ``"hooks"``, ``"vmap"``
             or ``"loop"`` (see :class:`influencekit.grads.GradientEngine`).
+        context: the processes of a run under ``torchrun``
+            (:meth:`influencekit.distributed.DistContext.from_env`); ``None`` is one process.
+            With several processes, curvature statistics (K-FAC / EK-FAC factors and
+            eigenvalue corrections, the dense curvature, curvature-vector products), gradients
+            (:func:`influencekit.grads.gradients`) and scores (``Influence.pairwise``,
+            ``self_influence``, TRAK) are computed over each process's share of the training
+            data and combined, and per-module eigendecompositions are split across processes.
+            Every process must make the same calls with the same arguments (as with any
+            collective); every process gets the whole result.
     """
 
     device: str | torch.device = "cpu"
@@ -45,10 +57,20 @@ class Runtime:
     progress: bool | None = None
     max_dense_bytes: int = 4 * 1024**3
     engine: str = "auto"
+    context: DistContext | None = None
 
     def replace(self, **changes) -> Runtime:
         """Return a copy with some fields changed."""
         return replace(self, **changes)
+
+    @property
+    def dist(self) -> DistContext:
+        """The processes of the run: ``context``, or a single process."""
+        return self.context if self.context is not None else SINGLE_PROCESS
+
+    def local(self) -> Runtime:
+        """This runtime for work done by this process alone (``context=None``)."""
+        return self if self.context is None else replace(self, context=None)
 
     @property
     def show_progress(self) -> bool:
@@ -114,6 +136,7 @@ def stage(name: str, timings: dict | None = None):
 
 
 DEFAULT_RUNTIME = Runtime()
+SINGLE_PROCESS = DistContext()
 
 
 def resolve_runtime(runtime: Runtime | None) -> Runtime:

@@ -1,7 +1,7 @@
-"""``influencekit`` command line: fit | score | eval | report | replay | demo.
+"""``influencekit`` command line: fit | score | merge | plan | eval | report | replay | demo.
 
 Each verb is a :class:`Command` in :data:`COMMANDS` (name, help, an example, its arguments and
-the function that runs it); a new verb (``plan``, ``merge``) is one more entry. Verbs that
+the function that runs it); a new verb is one more entry. Verbs that
 compute read a TOML config (or a store's ``config.json``), apply ``--set KEY=VALUE`` and the
 direct flags, and end with a summary table. Progress goes to stderr (bars in a terminal or a
 notebook, one log line per stage elsewhere); ``--quiet`` turns all of it off.
@@ -80,8 +80,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bars (stage log lines stay)")
 
 
-def resolved_config(args, store_path: str | None = None) -> tuple[dict, str]:
-    """The resolved config of a verb and its store path."""
+def resolved_config(args, store_path: str | None = None,
+                    require_store: bool = True) -> tuple[dict, str]:
+    """The resolved config of a verb and its store path (``""`` when none is needed and none
+    was given)."""
     from .config import apply_overrides, load_config, parse_override, resolve_config
 
     source = args.config
@@ -100,7 +102,7 @@ def resolved_config(args, store_path: str | None = None) -> tuple[dict, str]:
         raw = _drop_foreign_method_keys(raw, overrides)
     config = resolve_config(apply_overrides(raw, overrides))
     store = args.store or config["store"]
-    if not store:
+    if not store and require_store:
         raise InfluenceKitError("no store folder: pass --store DIR or set store = \"DIR\" in "
                                 "the config")
     return config, store
@@ -161,17 +163,29 @@ def _score_arguments(parser):
                         "harmful per query instead of the full matrix")
     parser.add_argument("--self-influence", action="store_true",
                         help="also store the self-influence of every training example")
+    parser.add_argument("--partition", metavar="I/N",
+                        help="score only the I-th of N contiguous shares of the training "
+                             "examples (0-based, e.g. $SLURM_ARRAY_TASK_ID/8) into the partial "
+                             "store STORE/partitions/I-of-N (resumable); needs `fit` first; "
+                             "`influencekit merge STORE` combines the N partitions")
 
 
 @command("score", "scores of every training example per query, into the store",
-         "influencekit score --store runs/digits --top-k 10", _score_arguments)
+         "influencekit score --store runs/digits --top-k 10\n"
+         "  influencekit score --store runs/digits --partition 3/8   # job 3 of an array of 8",
+         _score_arguments)
 def run_score(args) -> int:
     from ..report.store import RunStore
-    from .pipeline import score_run
+    from .pipeline import score_partition, score_run
 
     if args.self_influence:
         args.overrides.append("score.self_influence=true")
     config, store = resolved_config(args)
+    if args.partition is not None:
+        outcome = score_partition(config, RunStore(store), args.partition, progress_of(args))
+        print_summary(f"influencekit score --partition {args.partition} -> {store}",
+                      outcome.rows, _echo(args))
+        return EXIT_OK
     outcome = score_run(config, RunStore(store), progress_of(args),
                        overwrite=args.overwrite)
     print_summary(f"influencekit score -> {store}", outcome.rows, _echo(args))
@@ -201,6 +215,61 @@ def _print_top(outcome, config, echo, k: int = 3) -> None:
             echo(f"  {kind}: {items}")
     if len(run.query_ids) > 10:
         echo(f"... {len(run.query_ids) - 10} more queries in the store and the report")
+
+
+def _merge_arguments(parser):
+    parser.add_argument("store", help="run store folder whose partitions/ hold the partial "
+                                      "stores of `score --partition I/N`")
+    parser.add_argument("--parts", nargs="+", metavar="DIR",
+                        help="partial score stores to merge (default: every folder in "
+                             "STORE/partitions)")
+    add_output_arguments(parser)
+
+
+@command("merge", "combine the partial score stores of `score --partition I/N` into the "
+                  "store's scores (refuses missing, repeated, incomplete or foreign parts)",
+         "for i in 0 1 2 3; do influencekit score --store runs/big --partition $i/4; done\n"
+         "  influencekit merge runs/big", _merge_arguments)
+def run_merge(args) -> int:
+    from ..report.store import RunStore
+    from .pipeline import merge_run
+
+    outcome = merge_run(RunStore(args.store), progress_of(args), parts=args.parts)
+    print_summary(f"influencekit merge {args.store}", outcome.rows, _echo(args))
+    if not args.quiet and outcome.run is not None:
+        _print_top(outcome, outcome.run.config, print)
+    return EXIT_OK
+
+
+def _plan_arguments(parser):
+    add_config_arguments(parser, config_required=False)
+    parser.add_argument("--n-train", type=int,
+                        help="training examples of the run to plan (default: the config's)")
+    parser.add_argument("--n-query", type=int,
+                        help="queries of the run to plan (default: the config's)")
+    parser.add_argument("--memory-gb", type=float,
+                        help="memory budget in GiB (default: what this machine has free)")
+    parser.add_argument("--max-job-hours", type=float,
+                        help="suggest partitions so that each job takes at most this long")
+
+
+@command("plan", "estimate memory and time of each stage of a config's run (a short "
+                 "calibration on this machine) and suggest batch size, partitions and dtypes",
+         "influencekit plan digits --method EKFAC --n-train 1000000 --n-query 1000 "
+         "--max-job-hours 4", _plan_arguments)
+def run_plan(args) -> int:
+    from .pipeline import plan_run
+
+    config, _ = resolved_config(args, require_store=False)
+    outcome, plan = plan_run(
+        config, progress_of(args), n_train=args.n_train, n_query=args.n_query,
+        memory_budget=None if args.memory_gb is None else int(args.memory_gb * 1024**3),
+        max_job_seconds=None if args.max_job_hours is None else args.max_job_hours * 3600,
+        batch_size=args.batch_size)
+    if not args.quiet:
+        print(plan)
+    print_summary("influencekit plan", outcome.rows, _echo(args))
+    return EXIT_OK
 
 
 def _eval_arguments(parser):
@@ -334,6 +403,9 @@ def run_demo(args) -> int:
 EPILOG = """examples:
   influencekit fit digits --store runs/digits        # shipped example config, or a TOML path
   influencekit score --store runs/digits --top-k 10
+  influencekit score --store runs/digits --partition 3/8   # one job of an array, then:
+  influencekit merge runs/digits
+  influencekit plan digits --method EKFAC --n-train 1000000   # memory and time per stage
   influencekit eval --store runs/digits --set eval.loo=20
   influencekit report runs/digits                     # runs/digits/report/index.html
   influencekit replay runs/digits                     # same scores again?

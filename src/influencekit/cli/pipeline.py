@@ -1,6 +1,7 @@
 """What each command does, as functions on a resolved config and a run store.
 
-``fit_run`` / ``score_run`` / ``evaluate_run`` / ``replay_run`` build through
+``fit_run`` / ``score_run`` / ``score_partition`` / ``merge_run`` / ``evaluate_run`` /
+``replay_run`` / ``plan_run`` build through
 :func:`~influencekit.cli.build.build_run` and the public API, write the store
 (:class:`~influencekit.cli.store.RunStore`), and return a :class:`Outcome`: what was computed,
 the stage timings and the rows of the summary table the CLI prints.
@@ -10,16 +11,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .. import conventions
-from ..errors import StoreError
-from ..report.store import EVALUATION, EXAMPLES, INVERSE, SCORES, RunStore
+from ..distributed import Partition
+from ..errors import ConfigError, StoreError
+from ..report.store import EVALUATION, EXAMPLES, INVERSE, PARTITIONS, SCORES, RunStore
 from ..runtime import stage
-from ..storage import load_inverse, save_inverse
+from ..storage import ScoreStore, load_inverse, merge_score_stores, save_inverse
 from .build import Run, build_run, compute_scores, compute_self_influence, fit_inverse, take_rows
 from .config import fit_part
 
@@ -118,6 +121,142 @@ def score_run(config: dict, store: RunStore, progress: bool | None = None,
     store.write(EXAMPLES, example_tensors, example_manifest)
     out.facts["scores_sha256"] = _sha(out.scores)
     return out.finish()
+
+
+# -- partitions and their merge -------------------------------------------------------------------
+MERGED = "merged"
+
+
+def partition_folder(store: RunStore, partition: Partition) -> Path:
+    """``STORE/partitions/I-of-N``: where ``score --partition I/N`` writes its partial store."""
+    return store.path / PARTITIONS / f"{partition.index}-of-{partition.count}"
+
+
+def score_partition(config: dict, store: RunStore, partition: Partition | str,
+                    progress: bool | None = None) -> Outcome:
+    """Scores of one partition of the training examples into a partial score store
+    (:func:`partition_folder`), with the store's fitted inverse; resumes a killed run.
+
+    Nothing else in the store is written, so the jobs of a job array can share it; ``merge``
+    combines the partitions into ``scores/`` afterwards.
+    """
+    from ..scoring import Influence, stream_scores
+
+    partition = Partition.parse(partition)
+    out = Outcome("score", store)
+    if not store.has(INVERSE):
+        raise StoreError(f"{store.path} holds no fitted inverse: run `influencekit fit CONFIG "
+                         f"--store {store.path}` once before the partitions, so that every "
+                         "partition scores with the same inverse.")
+    if fit_part(store.config()) != fit_part(config):
+        raise StoreError(f"{store.path} was fitted with another config; partitions score with "
+                         "the store's own config (leave out CONFIG, or fit again).")
+    with stage("build", out.timings):
+        out.run = run = build_run(config, progress)
+    out.add("build", _describe_run(run))
+    if not run.is_inverse:
+        raise ConfigError("method.name", config["method"]["name"], "an inverse (Exact, CG, "
+                          "LiSSA, Arnoldi, KFAC, EKFAC, Diagonal, Identity, block_diagonal): "
+                          "TracIn and TRAK do not score in partitions")
+    out.inverse = fitted_inverse(config, store, run, out)
+    folder = partition_folder(store, partition)
+    with stage("score partition", out.timings):
+        result = stream_scores(Influence(run.target, out.inverse), run.query, run.train,
+                               store=folder, partition=partition,
+                               block_size=run.runtime.batch_size, store_dtype="float64",
+                               runtime=run.runtime)
+    columns = result.store.columns
+    out.add("score partition", f"training examples {columns.start}..{columns.stop - 1} of "
+                               f"{result.store.n_train} ({result.blocks_computed} blocks "
+                               f"computed) -> {folder}")
+    return out  # run.json is left alone: jobs of one array would race to write it
+
+
+def merge_run(store: RunStore, progress: bool | None = None, parts=None) -> Outcome:
+    """Merge the partial stores (default: every folder in ``STORE/partitions`` but
+    ``merged``) into ``partitions/merged`` and write ``scores/`` and ``examples/`` as `score`
+    would have. Refuses missing, duplicate, incomplete or foreign partitions."""
+    config = store.config()
+    out = Outcome("merge", store)
+    if parts is None:
+        root = store.path / PARTITIONS
+        parts = sorted(p for p in root.iterdir() if p.is_dir() and p.name != MERGED) \
+            if root.is_dir() else []
+    if not parts:
+        raise StoreError(f"{store.path} holds no partial score store in {PARTITIONS}/: run "
+                         f"`influencekit score --store {store.path} --partition I/N` for every "
+                         "I of N first.")
+    with stage("merge", out.timings):
+        merged = merge_score_stores(parts, store.path / PARTITIONS / MERGED)
+    out.add("merge", f"{len(parts)} partitions -> {merged.folder}")
+    with stage("build", out.timings):
+        out.run = run = build_run(config, progress)
+    out.add("build", _describe_run(run))
+    if merged.manifest["model_fingerprint"] != run.target.fingerprint():
+        raise StoreError("the model factory built a model with other parameter values than "
+                         "the partitions were scored with (training is not deterministic, or the "
+                         "factory changed); score the partitions again.")
+    out.inverse = fitted_inverse(config, store, run, out)
+    out.scores = merged.scores().to(torch.float64)
+    tensors, manifest = score_tensors(run, out.scores, config, out.inverse)
+    if config["score"]["self_influence"]:
+        with stage("self-influence", out.timings):
+            tensors["self_influence"] = compute_self_influence(run, out.inverse)
+        out.add("self-influence", f"[{run.facts['n_train']}]")
+    store.write(SCORES, tensors, manifest)
+    example_tensors, example_manifest = examples_of(run, tensors)
+    store.write(EXAMPLES, example_tensors, example_manifest)
+    kept = "full matrix" if "scores" in tensors else f"top {config['score']['top_k']}"
+    out.rows.append(("scores", 0.0, f"{tuple(out.scores.shape)} ({kept}) -> "
+                                    f"{store.path / SCORES}"))
+    out.facts["scores_sha256"] = _sha(out.scores)
+    out.facts["partitions"] = len(parts)
+    return out.finish()
+
+
+# -- plan ----------------------------------------------------------------------------------------
+PLANNED_METHODS = {"Exact": "flat", "KFAC": "kfac", "EKFAC": "ekfac"}
+
+
+def plan_run(config: dict, progress: bool | None = None, *, n_train: int | None = None,
+             n_query: int | None = None, memory_budget: int | None = None,
+             max_job_seconds: float | None = None, batch_size: int | None = None,
+             sample_size: int = 64):
+    """``(outcome, plan)``: :func:`influencekit.plan` of the config's run, calibrated on its
+    first ``sample_size`` training examples; ``n_train`` / ``n_query`` default to the config's
+    data (give the full run's sizes to plan it from a sample)."""
+    from ..curvature.labels import resolve_label_mode
+    from ..planner import plan
+
+    name = config["method"]["name"]
+    if name not in PLANNED_METHODS:
+        raise ConfigError("method.name", name, "Exact, KFAC or EKFAC (the planner estimates "
+                          "dense and Kronecker-factored runs; plan with --method KFAC, say)")
+    out = Outcome("plan", RunStore(config["store"] or "."))
+    with stage("build", out.timings):
+        run = build_run(config, progress)
+    out.add("build", _describe_run(run))
+    method = PLANNED_METHODS[name]
+    labels = "exact"
+    if method != "flat":
+        labels = resolve_label_mode(run.target.task, config["curvature"]["kind"],
+                                    config["method"].get("labels", "auto"))
+    n = run.facts["n_train"]
+    sample = take_rows(run.train, list(range(min(sample_size, n))))
+    top_k = config["score"]["top_k"]
+    with stage("plan", out.timings):
+        result = plan(run.target, sample, method=method, n_train=n_train or n,
+                      n_query=n_query or run.facts["n_query"], kfac_labels=labels,
+                      k=top_k or None, batch_size=batch_size, memory_budget=memory_budget,
+                      max_job_seconds=max_job_seconds, runtime=run.runtime)
+    out.add("plan", f"{method}, n_train={n_train or n}, n_query={n_query or run.facts['n_query']}"
+                    f": total {result.total_seconds:.1f} s")
+    return out, result
+
+
+def merged_store(store: RunStore) -> ScoreStore:
+    """The merged score store of a partitioned run (``STORE/partitions/merged``)."""
+    return ScoreStore.load(store.path / PARTITIONS / MERGED, writable=False)
 
 
 def score_tensors(run: Run, scores: torch.Tensor, config: dict, inverse) -> tuple[dict, dict]:

@@ -15,7 +15,11 @@ Hessian from Jacobian- and Hessian-vector products of whole batches, so no per-e
 of the model is needed (Hugging Face models with data-dependent mask code work).
 
 A Curvature is a description (target, data, kind, weights); work happens in :meth:`dense` and
-:meth:`matvec`, each given a Runtime.
+:meth:`matvec`, each given a Runtime. Under a Runtime with several processes (``context``) each
+process sums its share of the training data's batches and the sums are all-reduced
+(:mod:`.statistics`), so CG, LiSSA, Arnoldi and Exact run their products and matrices sharded;
+every process must then make the same calls. :meth:`dense` can also write its sums chunk by
+chunk to a :class:`~influencekit.storage.FitStore` and resume from it.
 """
 
 from __future__ import annotations
@@ -41,9 +45,12 @@ from ..grads import (
     compute_dtype,
     iter_batches,
     num_examples,
+    take,
 )
 from ..runtime import Runtime, resolve_runtime
+from ..storage import FitStore, fingerprint
 from .labels import LabelSets, resolve_label_mode
+from .statistics import accumulate, store_config
 
 KINDS = ("hessian", "ggn", "fisher", "empirical_fisher")
 
@@ -79,14 +86,35 @@ class Curvature:
     def loader(self, runtime: Runtime):
         return as_loader(self.data, runtime, "training data")
 
-    def batches(self, runtime: Runtime, dtype, weights, desc: str):
-        """``(start, batch, w [B])`` over the training data, each batch validated by the
-        Target (:meth:`~influencekit.Target.batch_validator`)."""
-        return iter_batches(self.loader(runtime), runtime, dtype, weights, desc=desc,
-                            check=self.target.batch_validator())
-
     def num_examples(self, runtime: Runtime | None = None) -> int:
         return num_examples(self.loader(resolve_runtime(runtime)))
+
+    def batch_grid(self, runtime: Runtime | None = None) -> int:
+        """Examples per batch of the training data's loader (its own batch size for a
+        DataLoader, else the runtime's): the unit in which passes are split over processes and
+        into chunks."""
+        loader = self.loader(resolve_runtime(runtime))
+        return int(loader.batch_size or resolve_runtime(runtime).batch_size)
+
+    def batches(self, runtime: Runtime, dtype: torch.dtype | None, rows: range | None = None,
+                desc: str = ""):
+        """Yield ``(start, batch, w [B])`` over the examples ``rows`` (default all; a range of
+        whole batches of :meth:`batch_grid`), ``start`` being the position in the whole data; each
+        batch is validated by the Target (:meth:`~influencekit.Target.batch_validator`)."""
+        loader = self.loader(runtime)
+        n = num_examples(loader)
+        weights = check_weights(self.weights, n, runtime)
+        check = self.target.batch_validator()
+        if rows is None or (rows.start == 0 and rows.stop >= n):
+            yield from iter_batches(loader, runtime, dtype, weights, desc=desc, check=check)
+            return
+        if not len(rows):
+            return
+        part = as_loader(take(self.data, rows, runtime, "training data"), runtime)
+        part_weights = None if weights is None else weights[rows.start:rows.stop]
+        for start, batch, w in iter_batches(part, runtime, dtype, part_weights, desc=desc,
+                                            check=check):
+            yield rows.start + start, batch, w
 
     def total_weight(self, runtime: Runtime | None = None) -> float:
         """Σ w_i, the n of the conventions table (the number of examples when unweighted)."""
@@ -97,8 +125,6 @@ class Curvature:
 
     def _setup(self, runtime: Runtime, at: torch.Tensor | None):
         dtype = compute_dtype(self.target, runtime)
-        loader = self.loader(runtime)
-        weights = check_weights(self.weights, num_examples(loader), runtime)
         if at is None:
             flat = self.target.flat_params(dtype, runtime.device)
         else:
@@ -106,7 +132,7 @@ class Curvature:
                 raise ValueError(f"at= must be flat parameters [p] = [{self.target.num_params}],"
                                  f" got {tuple(at.shape)}")
             flat = at.detach().to(dtype=dtype, device=runtime.device)
-        return dtype, loader, weights, flat
+        return dtype, flat
 
     # -- dense --------------------------------------------------------------------------------
     def check_dense_fits(self, runtime: Runtime | None = None) -> None:
@@ -122,32 +148,51 @@ class Curvature:
                 "Exact (ik.CG, ik.LiSSA, ik.Arnoldi, ik.EKFAC), or restrict the parameters with "
                 "Target(params=[...]).")
 
-    def dense(self, runtime: Runtime | None = None, *, at: torch.Tensor | None = None
-              ) -> torch.Tensor:
+    def dense(self, runtime: Runtime | None = None, *, at: torch.Tensor | None = None,
+              store: FitStore | str | None = None) -> torch.Tensor:
         """The matrix C, ``[p, p]`` float64 (symmetrised), at the Target's parameters or at
-        flat parameters ``at [p]``."""
+        flat parameters ``at [p]``.
+
+        ``store``: a :class:`~influencekit.storage.FitStore` (or folder) where the sums are
+        written chunk by chunk (pass ``dense/``); a killed computation resumes from it and ends
+        with the same bits.
+        """
         runtime = resolve_runtime(runtime)
         self.check_dense_fits(runtime)
-        dtype, loader, weights, flat = self._setup(runtime, at)
+        dtype, flat = self._setup(runtime, at)
         p = flat.numel()
-        total = torch.zeros(p, p, dtype=torch.float64, device=runtime.device)
-        weight_sum = 0.0
         labels = self._label_sets()
         engine = GradientEngine(self.target, runtime.engine)
-        for start, batch, w in self.batches(runtime, dtype, weights, f"dense {self.kind}"):
-            block = self._dense_batch(flat, batch, w, labels, engine).to(torch.float64)
-            if not torch.isfinite(block).all():
-                self._raise_non_finite(flat, batch, start, engine)
-            total += block
-            weight_sum += float(w.sum())
-        total /= weight_sum
+
+        def zeros():
+            return {"curvature": torch.zeros(p, p, dtype=torch.float64, device=runtime.device)}
+
+        def add(rows, sums):
+            weight = 0.0
+            for start, batch, w in self.batches(runtime, dtype, rows, f"dense {self.kind}"):
+                block = self._dense_batch(flat, batch, w, labels, engine, start)
+                block = block.to(torch.float64)
+                if not torch.isfinite(block).all():
+                    self._raise_non_finite(flat, batch, start, engine)
+                sums["curvature"] += block
+                weight += float(w.sum())
+            return weight
+
+        store = FitStore.of(store)
+        config = None
+        if store is not None:
+            config = {**store_config(self, runtime, dtype), "n_samples": self.n_samples,
+                      "seed": self.seed,
+                      "at": None if at is None else fingerprint(flat)}
+        sums = accumulate(self, runtime, zeros, add, store=store, name="dense", config=config)
+        total = sums.values["curvature"] / sums.weight
         total += self._regularizer_dense(flat).to(torch.float64)
         if not torch.isfinite(total).all():
             raise NonFiniteError("the curvature's regulariser term has non-finite entries; "
                                  "check the regulariser at the current parameters.")
         return 0.5 * (total + total.T)
 
-    def _dense_batch(self, flat, batch, w, labels, engine) -> torch.Tensor:
+    def _dense_batch(self, flat, batch, w, labels, engine, start: int) -> torch.Tensor:
         target, space = self.target, self.target.space
         if self.kind == "hessian":
             return dense_hessian(lambda f: (w * target.losses(space.unflatten(f), batch)).sum(),
@@ -158,7 +203,7 @@ class Curvature:
                 targets = target.targets(batch, outputs_fn(flat))
             return dense_ggn(outputs_fn, self._loss_of_one, flat, targets, w)
         total = 0.0
-        for grads, coef in self._label_gradients(flat, batch, labels, engine):
+        for grads, coef in self._label_gradients(flat, batch, labels.at(start), engine):
             total = total + dense_outer(grads, w * coef)
         return total
 
@@ -174,30 +219,34 @@ class Curvature:
         """C v for ``vectors [p]`` or ``[k, p]`` (same shape out), one pass over the data;
         at the Target's parameters or at flat parameters ``at [p]``."""
         runtime = resolve_runtime(runtime)
-        dtype, loader, weights, flat = self._setup(runtime, at)
+        dtype, flat = self._setup(runtime, at)
         single = vectors.dim() == 1
         vs = (vectors[None] if single else vectors).to(dtype=dtype, device=runtime.device)
         if not torch.isfinite(vs).all():
             raise NonFiniteError("the vectors given to Curvature.matvec hold NaN or infinite "
                                  "entries; the solver that called it diverged (raise damping) "
                                  "or its right-hand side is not finite.")
-        total = torch.zeros_like(vs)
-        weight_sum = 0.0
         labels = self._label_sets()
         engine = GradientEngine(self.target, runtime.engine)
-        for start, batch, w in self.batches(runtime, dtype, weights, f"{self.kind} products"):
-            part = self._matvec_batch(flat, batch, w, vs, labels, engine)
-            if not torch.isfinite(part).all():
-                self._raise_non_finite(flat, batch, start, engine)
-            total += part
-            weight_sum += float(w.sum())
-        total /= weight_sum
+
+        def add(rows, sums):
+            weight = 0.0
+            for start, batch, w in self.batches(runtime, dtype, rows, f"{self.kind} products"):
+                part = self._matvec_batch(flat, batch, w, vs, labels, engine, start)
+                if not torch.isfinite(part).all():
+                    self._raise_non_finite(flat, batch, start, engine)
+                sums["products"] += part
+                weight += float(w.sum())
+            return weight
+
+        sums = accumulate(self, runtime, lambda: {"products": torch.zeros_like(vs)}, add)
+        total = sums.values["products"] / sums.weight
         if self.target.regularizer is not None:
             reg = lambda f: self.target.regularization(self.target.space.unflatten(f))  # noqa: E731
             total += hessian_vector_products(reg, flat, vs)
         return total[0] if single else total
 
-    def _matvec_batch(self, flat, batch, w, vs, labels, engine):
+    def _matvec_batch(self, flat, batch, w, vs, labels, engine, start: int):
         target, space = self.target, self.target.space
         if self.kind == "hessian":
             return hessian_vector_products(
@@ -207,7 +256,7 @@ class Curvature:
                 lambda f: target.outputs(space.unflatten(f), batch),
                 lambda out: (w * target.loss_from_outputs(out, batch)).sum(), flat, vs)
         total = torch.zeros_like(vs)
-        for grads, coef in self._label_gradients(flat, batch, labels, engine):
+        for grads, coef in self._label_gradients(flat, batch, labels.at(start), engine):
             total += outer_vector_products(grads, w * coef, vs)
         return total
 
@@ -219,11 +268,11 @@ class Curvature:
         if self.kind not in ("fisher", "empirical_fisher"):
             raise ValueError(f"iter_weighted_gradients needs a Fisher kind, not {self.kind!r}")
         runtime = resolve_runtime(runtime)
-        dtype, loader, weights, flat = self._setup(runtime, at)
+        dtype, flat = self._setup(runtime, at)
         labels = self._label_sets()
         engine = GradientEngine(self.target, runtime.engine)
-        for start, batch, w in self.batches(runtime, dtype, weights, self.kind):
-            for grads, coef in self._label_gradients(flat, batch, labels, engine):
+        for start, batch, w in self.batches(runtime, dtype, desc=self.kind):
+            for grads, coef in self._label_gradients(flat, batch, labels.at(start), engine):
                 if not torch.isfinite(grads).all():
                     self._raise_non_finite(flat, batch, start, engine)
                 yield w * coef, grads

@@ -27,6 +27,11 @@ a language model) or ``"empirical"`` (the true labels: the empirical Fisher).
 
 All statistics are accumulated in float64. EK-FAC's eigenvalue correction is
 ``Λ[o, j] = (1/Σw) Σ_i w_i E_y[(Q_Sᵀ G_i Q_A)[o, j]²]``, with the same labels.
+
+Both passes go through :func:`influencekit.curvature.statistics.accumulate`: under a Runtime
+with several processes each sums its share of the batches and the sums, Σw and the example
+count are all-reduced; with a :class:`~influencekit.storage.FitStore` the sums are written chunk
+by chunk (passes ``factors/`` and ``corrections/``) and a killed fit resumes from them.
 """
 
 from __future__ import annotations
@@ -40,38 +45,35 @@ from ..errors import NonFiniteError
 from ..grads import (
     Layer,
     LayerPass,
-    check_weights,
     compute_dtype,
-    iter_batches,
     layer_activations,
     layer_output_grads,
     live_params,
-    num_examples,
 )
 from ..runtime import Runtime
+from ..storage import FitStore, fingerprint
 from .labels import LabelSets
+from .statistics import Sums, accumulate
 
 F64 = torch.float64
 
 
 def iter_layer_batches(curvature, runtime: Runtime, layers: list[Layer],
-                       labels: LabelSets) -> Iterator:
-    """Yield ``(w [B], counts, acts, label_sets)`` per batch, all float64.
+                       labels: LabelSets, rows: range | None = None) -> Iterator:
+    """Yield ``(w [B], counts, acts, label_sets)`` per batch of the examples ``rows`` (default
+    all; whole batches of ``curvature.batch_grid``), all float64.
 
     ``acts = {layer: a [B, T, width]}`` (masked tokens zeroed) and ``counts = {layer: T_i [B]}``
     (real tokens per example); ``label_sets`` is an iterator of ``(coef [B], {layer: g [B, T,
     d_out]})`` with ``coef = w_i · p(label)`` — consume it before advancing. One forward pass
-    per batch and one backward pass per label set.
+    per batch and one backward pass per label set; sampled labels are drawn with
+    ``labels.at(start)`` (the same draws however the data are split).
     """
     target = curvature.target
     dtype = compute_dtype(target, runtime)
-    loader = curvature.loader(runtime)
-    weights = check_weights(curvature.weights, num_examples(loader), runtime)
     params = live_params(target, dtype, runtime.device)
     with LayerPass(target, layers) as lp:
-        for start, batch, w in iter_batches(loader, runtime, dtype, weights,
-                                            desc="K-FAC statistics",
-                                            check=target.batch_validator()):
+        for start, batch, w in curvature.batches(runtime, dtype, rows, "K-FAC statistics"):
             outputs = lp.forward(params, batch)
             mask = target.token_mask(batch)
             acts, masks = {}, {}
@@ -81,7 +83,7 @@ def iter_layer_batches(curvature, runtime: Runtime, layers: list[Layer],
                 masks[layer.name] = _layer_mask(mask, a)
                 acts[layer.name] = a if masks[layer.name] is None else a * masks[layer.name]
             counts = {name: _token_counts(masks[name], a) for name, a in acts.items()}
-            label_sets = labels(target.task, outputs, target.targets(batch, outputs))
+            label_sets = labels.at(start)(target.task, outputs, target.targets(batch, outputs))
             yield (w.to(F64), counts, acts,
                    _backward_each(target, lp, outputs, batch, label_sets, layers, acts, masks,
                                   w.to(F64), start))
@@ -124,53 +126,93 @@ def _backward_each(target, lp, outputs, batch, label_sets, layers, acts, masks, 
         yield w * probs.to(w.device), grads
 
 
+def kronecker_statistics(curvature, runtime: Runtime, layers: list[Layer],
+                         labels: LabelSets, store: FitStore | None = None,
+                         config: dict | None = None) -> Sums:
+    """The weighted sums behind A and S: ``values = {"A/<layer>": Σ_i w_i (1/T_i) Σ_t a aᵀ,
+    "S/<layer>": Σ_i w_i E_y[Σ_t g gᵀ]}`` (float64, not yet divided by Σw), with Σw and the
+    example count; sharded over ``runtime.context`` and written to ``store`` (pass
+    ``factors/``) when given. ``config``: what the factors depend on besides the data (the
+    store records it)."""
+    def zeros():
+        out = {f"A/{layer.name}": torch.zeros(layer.width, layer.width, dtype=F64,
+                                              device=runtime.device) for layer in layers}
+        out.update({f"S/{layer.name}": torch.zeros(layer.d_out, layer.d_out, dtype=F64,
+                                                   device=runtime.device) for layer in layers})
+        return out
+
+    def add(rows, sums):
+        return _stream_weighted(curvature, runtime, layers, labels, rows,
+                                lambda w, counts, acts, label_sets: _accumulate_factors(
+                                    acts, counts, label_sets, w, sums))
+
+    if store is not None:
+        config = {**(config or {}), "layers": [layer.to_dict() for layer in layers]}
+    return accumulate(curvature, runtime, zeros, add, store=store, name="factors",
+                      config=config)
+
+
 def kronecker_factors(curvature, runtime: Runtime, layers: list[Layer],
-                      labels: LabelSets) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                      labels: LabelSets, store: FitStore | None = None,
+                      config: dict | None = None
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer: (A [width, width], S [d_out, d_out])}`` float64 (see the module docstring)."""
-    a_sum = {layer.name: torch.zeros(layer.width, layer.width, dtype=F64, device=runtime.device)
-             for layer in layers}
-    s_sum = {layer.name: torch.zeros(layer.d_out, layer.d_out, dtype=F64, device=runtime.device)
-             for layer in layers}
-    total = _stream_weighted(curvature, runtime, layers, labels,
-                             lambda w, counts, acts, label_sets: _accumulate_factors(
-                                 acts, counts, label_sets, w, a_sum, s_sum))
-    return {name: (_sym(a_sum[name] / total), _sym(s_sum[name] / total)) for name in a_sum}
+    return factors_of(kronecker_statistics(curvature, runtime, layers, labels, store, config),
+                      layers)
 
 
-def _stream_weighted(curvature, runtime, layers, labels, accumulate) -> float:
-    """One pass over the data calling ``accumulate(w, counts, acts, label_sets)`` per batch;
-    returns Σw."""
+def factors_of(sums: Sums, layers: list[Layer]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (A, S)}`` from :func:`kronecker_statistics` (divided by Σw, symmetrised)."""
+    return {layer.name: (_sym(sums.values[f"A/{layer.name}"] / sums.weight),
+                         _sym(sums.values[f"S/{layer.name}"] / sums.weight))
+            for layer in layers}
+
+
+def _stream_weighted(curvature, runtime, layers, labels, rows, accumulate_batch) -> float:
+    """One pass over the examples ``rows`` calling ``accumulate_batch(w, counts, acts,
+    label_sets)`` per batch; returns their Σw."""
     total = 0.0
-    stream = iter_layer_batches(curvature, runtime, layers, labels)
+    stream = iter_layer_batches(curvature, runtime, layers, labels, rows)
     with closing(stream):  # removes the hooks at once, also when this loop raises
         for w, counts, acts, label_sets in stream:
             total += float(w.sum())
-            accumulate(w, counts, acts, label_sets)
+            accumulate_batch(w, counts, acts, label_sets)
     return total
 
 
-def _accumulate_factors(acts, counts, label_sets, w, a_sum, s_sum):
+def _accumulate_factors(acts, counts, label_sets, w, sums):
     """Add one batch to the sums of A (mean over real tokens) and S (token sum), weighted."""
     for name, a in acts.items():
         scale = (w / counts[name])[:, None, None]
-        a_sum[name] += torch.einsum("bti,btj->ij", a * scale, a)
+        sums[f"A/{name}"] += torch.einsum("bti,btj->ij", a * scale, a)
     for coef, grads in label_sets:
         for name, g in grads.items():
-            s_sum[name] += torch.einsum("bto,btp->op", g * coef[:, None, None], g)
+            sums[f"S/{name}"] += torch.einsum("bto,btp->op", g * coef[:, None, None], g)
 
 
 def eigenvalue_corrections(curvature, runtime: Runtime, layers: list[Layer],
                            labels: LabelSets,
-                           bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                           bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                           store: FitStore | None = None, config: dict | None = None
                            ) -> dict[str, torch.Tensor]:
     """``{layer: Λ [d_out, width]}``: mean squared per-example gradients in the Kronecker
-    eigenbasis, ``bases = {layer: (Q_A, Q_S)}`` (float64)."""
-    sums = {layer.name: torch.zeros(layer.d_out, layer.width, dtype=F64, device=runtime.device)
-            for layer in layers}
-    total = _stream_weighted(curvature, runtime, layers, labels,
-                             lambda w, counts, acts, label_sets: _accumulate_corrections(
-                                 acts, label_sets, bases, sums))
-    return {name: s / total for name, s in sums.items()}
+    eigenbasis, ``bases = {layer: (Q_A, Q_S)}`` (float64). Sharded over ``runtime.context``;
+    written to ``store`` (pass ``corrections/``, which records a fingerprint of the bases)."""
+    def zeros():
+        return {layer.name: torch.zeros(layer.d_out, layer.width, dtype=F64,
+                                        device=runtime.device) for layer in layers}
+
+    def add(rows, sums):
+        return _stream_weighted(curvature, runtime, layers, labels, rows,
+                                lambda w, counts, acts, label_sets: _accumulate_corrections(
+                                    acts, label_sets, bases, sums))
+
+    if store is not None:
+        config = {**(config or {}), "layers": [layer.to_dict() for layer in layers],
+                  "bases": fingerprint({name: list(pair) for name, pair in bases.items()})}
+    sums = accumulate(curvature, runtime, zeros, add, store=store, name="corrections",
+                      config=config)
+    return {name: s / sums.weight for name, s in sums.values.items()}
 
 
 def _accumulate_corrections(acts, label_sets, bases, sums):

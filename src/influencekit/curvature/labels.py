@@ -55,7 +55,9 @@ class LabelSets:
 
     A fresh instance per pass over the data: its generator is seeded at construction, so every
     pass draws the same samples (a deterministic operator, and K-FAC's factor and correction
-    passes use the same labels).
+    passes use the same labels). Passes that may be split (over processes, or into resumable
+    chunks) take ``labels.at(start)`` for the batch starting at example ``start``: its draws
+    depend only on the seed and that position, not on which process computes the batch.
     """
 
     def __init__(self, mode: str, n_samples: int = 1, seed: int = 0):
@@ -65,7 +67,16 @@ class LabelSets:
             raise InfluenceKitError(f"n_samples must be >= 1, got {n_samples}")
         self.mode = mode
         self.n_samples = n_samples
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def at(self, start: int) -> LabelSets:
+        """The label sets of the batch whose first example is ``start``: the same mode, with a
+        generator seeded from ``(seed, start)`` (only ``"sampled"`` draws depend on it)."""
+        if self.mode != "sampled":
+            return self
+        mixed = (self.seed * 0x9E3779B97F4A7C15 + int(start) * 0xBF58476D1CE4E5B9) % 2**63
+        return LabelSets(self.mode, self.n_samples, mixed)
 
     def __call__(self, task, outputs: torch.Tensor, true_targets) -> list:
         size = outputs.shape[0]

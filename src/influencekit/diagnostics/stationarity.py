@@ -42,7 +42,6 @@ from ..func.lanczos import extreme_eigenvalues
 from ..grads import (
     GradientEngine,
     check_finite,
-    check_weights,
     iter_gradients,
     regularizer_gradient,
 )
@@ -98,12 +97,11 @@ def weighted_objective_gradient(curvature: Curvature, runtime: Runtime) -> torch
     one plain backward pass per batch (no per-example gradients)."""
     target = curvature.target
     dtype = runtime.dtype or next(iter(target.params().values())).dtype
-    weights = check_weights(curvature.weights, curvature.num_examples(runtime), runtime)
     params = {n: p.detach().clone().requires_grad_(True)
               for n, p in target.params(dtype, runtime.device).items()}
     total = torch.zeros(target.num_params, dtype=torch.float64, device=runtime.device)
     weight_sum = 0.0
-    for start, batch, w in curvature.batches(runtime, dtype, weights, "objective gradient"):
+    for start, batch, w in curvature.batches(runtime, dtype, desc="objective gradient"):
         losses = target.losses(params, batch)
         grads = torch.autograd.grad((w * losses).sum(), list(params.values()),
                                     allow_unused=True)

@@ -5,7 +5,7 @@
   :func:`iter_batches`, :class:`DictDataset`, :func:`check_loader_order`,
   :func:`check_example_dimension`, :func:`batch_rows`;
 - the gradient engine (hooks / vmap / loop): :class:`GradientEngine`, :func:`iter_gradients`,
-  :func:`gradients`;
+  :func:`gradients` (split over the processes of ``Runtime.context``), :func:`sharded`;
 - layers and hooks: :class:`Layer`, :func:`find_layers`, :func:`split_layers`,
   :class:`LayerCapture`, :class:`LayerPass`; a layer's parameters as one gradient matrix
   (:func:`layer_matrix`, :func:`layer_parameters`);
@@ -56,6 +56,7 @@ from .stream import (
     iter_gradients,
     iter_values_and_gradients,
     regularizer_gradient,
+    sharded,
 )
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "collate", "iter_batches", "num_examples", "take", "check_loader_order",
     "check_example_dimension", "batch_rows",
     "ENGINES", "GradientEngine", "iter_gradients", "iter_values_and_gradients", "gradients",
+    "sharded",
     "compute_dtype",
     "regularizer_gradient", "check_finite",
     "Layer", "HookIncompatibleError", "broadcast_input_error", "KRONECKER_KINDS",

@@ -1,12 +1,19 @@
-"""Dataset-scale gradients: per-example training-loss and measurement gradients ``[n, p]``."""
+"""Dataset-scale gradients: per-example training-loss and measurement gradients ``[n, p]``.
+
+:func:`iter_gradients` streams the batches of one process. :func:`gradients` and
+:func:`sharded` split the examples over the processes of ``Runtime.context`` (contiguous
+shares) and gather the rows in data-set order on every process.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from ..errors import NonFiniteError
 from ..runtime import Runtime, resolve_runtime
-from .data import as_loader, iter_batches
+from .data import as_loader, iter_batches, num_examples, take
 from .engine import Differentiated, GradientEngine
 
 
@@ -70,8 +77,47 @@ def iter_values_and_gradients(target, data, runtime: Runtime | None = None, *,
 
 
 def gradients(target, data, runtime: Runtime | None = None, **kwargs) -> torch.Tensor:
-    """All of :func:`iter_gradients` stacked: ``[n, p]``."""
-    return torch.cat([g for _, g in iter_gradients(target, data, runtime, **kwargs)])
+    """All of :func:`iter_gradients` stacked: ``[n, p]``.
+
+    Under a Runtime with several processes (``context``) each process computes its contiguous
+    share of the examples and every process returns all ``n`` rows (the same per-example
+    gradients, to rounding).
+    """
+    runtime = resolve_runtime(runtime)
+
+    def compute(part, local):
+        return torch.cat([g for _, g in iter_gradients(target, part, local, **kwargs)])
+
+    def empty():
+        dtype = compute_dtype(target, runtime) if kwargs.get("params") is None else \
+            next(iter(kwargs["params"].values())).dtype
+        return torch.empty(0, target.num_params, dtype=dtype, device=runtime.device)
+
+    what = "training data" if kwargs.get("of", "loss") == "loss" else "query data"
+    return sharded(data, runtime, compute, empty, what)
+
+
+Rows = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def sharded(data, runtime: Runtime, compute: Callable[[object, Runtime], Rows],
+            empty: Callable[[], Rows], what: str = "data set") -> Rows:
+    """Rows computed per example, split over the processes of ``runtime.context``.
+
+    ``compute(part, local_runtime)`` returns a tensor (or a tuple of tensors) with one row per
+    example of ``part``, in order; ``empty()`` the same with no row (for a process whose share
+    is empty). Each process computes its contiguous share with a single-process runtime; the
+    rows are gathered in data-set order, so every process returns the rows of all examples.
+    One process: ``compute(data, runtime)``.
+    """
+    dist = runtime.dist
+    if not dist.is_distributed:
+        return compute(data, runtime)
+    rows = dist.shard(num_examples(as_loader(data, runtime, what)))
+    mine = compute(take(data, rows, runtime, what), runtime.local()) if len(rows) else empty()
+    if isinstance(mine, tuple):
+        return tuple(dist.all_gather_rows(t) for t in mine)
+    return dist.all_gather_rows(mine)
 
 
 def regularizer_gradient(target, params) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..errors import ModelMismatchError, NotFittedError
+from ..errors import InfluenceKitError, ModelMismatchError, NotFittedError
 from ..func.params import ParamSpace
 from ..runtime import Runtime, resolve_runtime
 
@@ -61,8 +61,16 @@ class InverseCurvature(ABC):
     lazy = False
 
     # -- fitting ------------------------------------------------------------------------------
-    def fit(self, curvature, runtime: Runtime | None = None, *, stationarity: bool = True):
+    #: whether ``fit`` accepts ``store=`` (statistics written chunk by chunk, resumable)
+    resumable = False
+
+    def fit(self, curvature, runtime: Runtime | None = None, *, store=None,
+            stationarity: bool = True):
         """Fit to a :class:`~influencekit.Curvature`; returns self.
+
+        ``store``: a folder or :class:`~influencekit.storage.FitStore` where methods that
+        accumulate statistics over the data (KFAC, EKFAC, Exact) write them chunk by chunk, so
+        that a killed fit resumes where it stopped and ends with the same bits.
 
         ``stationarity`` (default True): then check that the Target's parameters are a minimiser
         of the training objective, in this inverse's metric — one gradient pass over the
@@ -72,6 +80,10 @@ class InverseCurvature(ABC):
         a curvature with ``measures_stationarity = False`` (a projected one, which has no
         parameters of its own: check the unprojected Target).
         """
+        if store is not None and not self.resumable:
+            raise InfluenceKitError(
+                f"{type(self).__name__} keeps no statistics to resume from, so it takes no "
+                "store=; fit it without one (resumable fits: KFAC, EKFAC, Exact).")
         runtime = resolve_runtime(runtime)
         self.fit_info_ = {
             "kind": curvature.kind,
@@ -80,7 +92,10 @@ class InverseCurvature(ABC):
             "names": list(curvature.target.space.names),
             "shapes": [list(s) for s in curvature.target.space.shapes],
         }
-        self._fit(curvature, runtime)
+        if store is None:
+            self._fit(curvature, runtime)
+        else:
+            self._fit(curvature, runtime, store=store)
         if stationarity and getattr(curvature, "measures_stationarity", True):
             from ..diagnostics import fit_stationarity
 

@@ -19,17 +19,30 @@ class Exact(InverseCurvature):
     Fitted: ``eigenvalues_ [p]``, ``eigenvectors_ [p, p]``. ``fit_info_`` reports the extreme
     eigenvalues and how many are negative (a non-convex Hessian). Solving raises if some
     ``e + λ`` is (numerically) zero, and warns if some is negative.
+
+    ``fit(curvature, runtime, store=folder)`` writes the dense curvature's sums chunk by chunk
+    (resumable); with several processes the sums are split over them and the main process's
+    eigendecomposition is broadcast to the others.
     """
+
+    resumable = True
 
     def __init__(self, damping: float = 0.0):
         self.damping = damping
 
-    def _fit(self, curvature, runtime):
+    def _fit(self, curvature, runtime, store=None):
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
-        matrix = curvature.dense(runtime)
-        values, vectors = torch.linalg.eigh(matrix)
-        self.eigenvalues_, self.eigenvectors_ = values, vectors.contiguous()
+        # a curvature that cannot be stored (a projected one) is asked without the argument
+        matrix = (curvature.dense(runtime) if store is None
+                  else curvature.dense(runtime, store=store))
+        dist = runtime.dist
+        values = vectors = None
+        if dist.is_main:
+            values, vectors = torch.linalg.eigh(matrix)
+            vectors = vectors.contiguous()
+        self.eigenvalues_ = dist.broadcast(values, 0)
+        self.eigenvectors_ = dist.broadcast(vectors, 0)
         self._report()
 
     def _report(self):

@@ -12,16 +12,25 @@ curvature block of the mean training loss is approximated in the layer's gradien
 curvature of the MEAN loss, like ``Curvature.dense``). Cross-layer blocks are zero. Factors are
 eigendecomposed in float64. An :class:`~influencekit.L2Regularizer` adds its strength to every
 eigenvalue of the layers it covers (∇²R = strength · I); other regularisers are refused.
+
+Large runs: under a Runtime with several processes (``Runtime(context=DistContext.from_env())``)
+the factor and correction passes are split over the processes' shares of the training data and
+all-reduced, and the per-layer eigendecompositions (cost ~ d³) are split across processes by
+layer and broadcast; every process ends with the same fitted state. ``fit(..., store=folder)``
+writes the statistics chunk by chunk to a :class:`~influencekit.storage.FitStore`, so a killed
+fit resumes and ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..curvature.kfac import eigenvalue_corrections, kronecker_factors
+from ..curvature.kfac import eigenvalue_corrections, factors_of, kronecker_statistics
 from ..curvature.labels import LabelSets, resolve_label_mode
+from ..curvature.statistics import store_config
 from ..errors import InfluenceKitError, UnsupportedModuleError
-from ..grads import Layer, find_layers, layer_index, layer_matrix, layer_parameters
+from ..grads import Layer, compute_dtype, find_layers, layer_index, layer_matrix, layer_parameters
+from ..storage import FitStore
 from ..task.regularizer import L2Regularizer
 from .base import InverseCurvature, check_parameter_grads
 
@@ -34,6 +43,7 @@ class _KroneckerInverse(InverseCurvature):
     """Shared fitting and solving of K-FAC and EK-FAC (see the module docstring)."""
 
     corrected = False
+    resumable = True
 
     def __init__(self, damping: float | str = "auto", labels: str = "auto", n_samples: int = 1,
                  seed: int = 0, modules: list[str] | None = None):
@@ -44,7 +54,7 @@ class _KroneckerInverse(InverseCurvature):
         self.modules = modules
 
     # -- fitting ------------------------------------------------------------------------------
-    def _fit(self, curvature, runtime):
+    def _fit(self, curvature, runtime, store=None):
         self._check_damping()
         target = curvature.target
         if curvature.kind == "hessian":
@@ -56,22 +66,29 @@ class _KroneckerInverse(InverseCurvature):
         layers = find_layers(target, self.modules, FACTORED_KINDS)
         _refuse_tied(layers)
         extra = _regularizer_shift(target, layers)
-        factors = kronecker_factors(curvature, runtime, layers, self._labels(mode))
+        store = FitStore.of(store)
+        config = None
+        if store is not None:
+            config = {**store_config(curvature, runtime, compute_dtype(target, runtime)),
+                      "labels": mode, "n_samples": self.n_samples, "seed": self.seed}
+        sums = kronecker_statistics(curvature, runtime, layers, self._labels(mode), store,
+                                    config)
+        decompositions = _eigendecompositions(factors_of(sums, layers), layers, runtime.dist)
         self.a_eigenvalues_, self.a_eigenvectors_ = [], []
         self.s_eigenvalues_, self.s_eigenvectors_ = [], []
         for layer in layers:
-            a, s = factors[layer.name]
-            ea, qa = torch.linalg.eigh(a)
-            es, qs = torch.linalg.eigh(s)
+            ea, qa, es, qs = decompositions[layer.name]
             self.a_eigenvalues_.append(ea)
-            self.a_eigenvectors_.append(qa.contiguous())
+            self.a_eigenvectors_.append(qa)
             self.s_eigenvalues_.append(es)
-            self.s_eigenvectors_.append(qs.contiguous())
+            self.s_eigenvectors_.append(qs)
         if self.corrected:
             bases = {layer.name: (self.a_eigenvectors_[i], self.s_eigenvectors_[i])
                      for i, layer in enumerate(layers)}
-            lam = eigenvalue_corrections(curvature, runtime, layers, self._labels(mode), bases)
+            lam = eigenvalue_corrections(curvature, runtime, layers, self._labels(mode), bases,
+                                         store, config)
             self.corrected_eigenvalues_ = [lam[layer.name] for layer in layers]
+        self.fit_info_.update(n_examples=sums.examples)
         self.fit_info_.update(labels=mode, layers=[layer.to_dict() for layer in layers])
         means = [float(self._eigenvalues(i).mean()) for i in range(len(layers))]
         dampings = [0.1 * m if self.damping == "auto" else float(self.damping) for m in means]
@@ -270,6 +287,29 @@ class EKFAC(_KroneckerInverse):
     """
 
     corrected = True
+
+
+def _eigendecompositions(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                         layers: list[Layer], dist) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``{layer: (a_values, a_vectors, s_values, s_vectors)}`` (float64), each layer's two
+    eigendecompositions computed by the process that owns the layer (owners balance the cost
+    ``width³ + d_out³``) and broadcast, so every process holds the same bits."""
+    names = [layer.name for layer in layers]
+    costs = [float(layer.width) ** 3 + float(layer.d_out) ** 3 for layer in layers]
+    owned = {}
+    for name in dist.for_modules(names, costs):
+        a, s = factors[name]
+        ea, qa = torch.linalg.eigh(a)
+        es, qs = torch.linalg.eigh(s)
+        for part, tensor in zip(_PARTS, (ea, qa, es, qs), strict=True):
+            owned[f"{name}/{part}"] = tensor.contiguous()
+    owners = dist.module_owners(names, costs)
+    shared = dist.broadcast_from_owners(owned, {f"{name}/{part}": owners[name]
+                                                for name in names for part in _PARTS})
+    return {name: tuple(shared[f"{name}/{part}"] for part in _PARTS) for name in names}
+
+
+_PARTS = ("a_values", "a_vectors", "s_values", "s_vectors")
 
 
 def _refuse_tied(layers: list[Layer]) -> None:

@@ -14,6 +14,8 @@ Layout (also in ``docs/store.md``)::
       figures/        extra PNGs shown at the end of the report, listed with a title and a
                       caption in figures/figures.json (e.g. the demo's thesis appendix)
       report/         index.html and its PNGs (`influencekit report`)
+      partitions/     partial score stores of `score --partition I/N` (one folder each) and
+                      `merged/`, their merge (`influencekit merge`)
 
 Every tensor folder is a ``storage.save_tensors`` folder (safetensors + a JSON manifest with a
 checksum), so a truncated or edited file is detected on load.
@@ -43,6 +45,7 @@ EVALUATION = "evaluation"
 TRUST = "trust.json"
 FIGURES = "figures"
 REPORT = "report"
+PARTITIONS = "partitions"
 
 SCORE_TENSORS = {
     "scores": "[n_query, n_train] s = g_qᵀ(C + λI)⁻¹g_m (only when score.top_k = 0)",
@@ -122,7 +125,8 @@ class RunStore:
 
         for name in (CONFIG, RUN, TRUST):
             (self.path / name).unlink(missing_ok=True)
-        for name in (INVERSE, SCORES, EXAMPLES, EVALUATION, FIGURES, REPORT, "lds_retraining"):
+        for name in (INVERSE, SCORES, EXAMPLES, EVALUATION, FIGURES, REPORT, PARTITIONS,
+                     "lds_retraining"):
             shutil.rmtree(self.path / name, ignore_errors=True)
 
     def config(self) -> dict:

@@ -27,6 +27,10 @@ Training gradients are g_m = ∇ℓ(z_m) + ∇R(θ̂) (the regulariser gradient 
 loss is a weighted MEAN that renormalises when a weight changes); ``include_regularizer=False``
 drops ∇R (the convention of codes that score with loss gradients only, e.g. kronfluence).
 
+Under a Runtime with several processes (``Runtime.context``), query gradients, ``pairwise``
+and ``self_influence`` are split over the processes' shares of the examples and gathered: every
+process returns the whole result.
+
 Before scoring, the Target's parameters are checked against the ones the inverse was fitted at
 (a sha256 fingerprint): an inverse of another model, or of this model before further training,
 is refused (``allow_other_model=True`` to reuse it on purpose, as an approximation).
@@ -37,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InfluenceKitError
-from ..grads import iter_gradients
+from ..grads import compute_dtype, gradients, iter_gradients, sharded
 from ..inverse.base import InverseCurvature
 from ..runtime import Runtime, resolve_runtime
 from ..task.target import Target
@@ -126,9 +130,7 @@ class Influence:
 
     def query_gradients(self, query, runtime: Runtime | None = None) -> torch.Tensor:
         """g_q = ∇f(z_q) of the Task's measurement, ``[n_query, p]``."""
-        blocks = iter_gradients(self.target, query, runtime, of="measurement",
-                                desc="query gradients")
-        return torch.cat([g for _, g in blocks])
+        return gradients(self.target, query, runtime, of="measurement", desc="query gradients")
 
     def precondition(self, query, runtime: Runtime | None = None) -> torch.Tensor:
         """(C + λI)⁻¹ g_q, ``[n_query, p]``."""
@@ -164,9 +166,18 @@ class Influence:
         if self.factored:
             return self.pairwise_prepared(self.prepare_queries(query, runtime), train, runtime)
         pre = self.precondition(query, runtime)
-        blocks = [pre @ g.to(pre.dtype).T
-                  for _, g in self._train_stream(train, runtime, "scoring train", reuse=True)]
-        return torch.cat(blocks, dim=1)
+
+        def scores(part, local):  # [n_query, n_part]
+            return torch.cat([pre @ g.to(pre.dtype).T
+                              for _, g in self._train_stream(part, local, "scoring train",
+                                                             reuse=True)], dim=1)
+
+        if not runtime.dist.is_distributed:
+            return scores(train, runtime)
+        # processes gather rows: one row per training example, then back to [n_query, n_train]
+        rows = sharded(train, runtime, lambda part, local: scores(part, local).T.contiguous(),
+                       lambda: pre.new_empty(0, pre.shape[0]), "training data")
+        return rows.T.contiguous()
 
     def pairwise_per_module(self, query, train, runtime: Runtime | None = None
                             ) -> dict[str, torch.Tensor]:
@@ -198,13 +209,21 @@ class Influence:
         Factored path: per inverse block, only that block's per-example gradients are formed."""
         self._check()
         runtime = resolve_runtime(runtime)
-        if self.factored and self.inverse.parameter_blocks_() is not None:
-            return self_influence_factored(self.target, self.inverse, train, runtime,
-                                           include_regularizer=self.include_regularizer)
-        out = []
-        for _, g in self._train_stream(train, runtime, "self-influence", reuse=True):
-            out.append((self.inverse.solve(g, runtime) * g).sum(dim=1))
-        return torch.cat(out)
+        factored = self.factored and self.inverse.parameter_blocks_() is not None
+
+        def values(part, local):
+            if factored:
+                return self_influence_factored(self.target, self.inverse, part, local,
+                                               include_regularizer=self.include_regularizer)
+            return torch.cat([(self.inverse.solve(g, local) * g).sum(dim=1)
+                              for _, g in self._train_stream(part, local, "self-influence",
+                                                             reuse=True)])
+
+        def empty():
+            return torch.empty(0, dtype=compute_dtype(self.target, runtime),
+                               device=runtime.device)
+
+        return sharded(train, runtime, values, empty, "training data")
 
     def pairwise_per_train_token(self, query, train,
                                  runtime: Runtime | None = None) -> TokenScores:

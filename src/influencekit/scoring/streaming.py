@@ -76,8 +76,10 @@ def stream_scores(influence: Influence, query, train, *, k: int | None = None, s
             DataLoader that does not shuffle; random access is needed to take blocks of rows).
         k: keep the k most helpful and k most harmful training examples per query.
         store: a folder for a :class:`ScoreStore` (created, or reopened to resume).
-        runtime: how to run; its batch size is the default ``block_size``.
-        context: a :class:`DistContext` (default: one process).
+        runtime: how to run; its batch size is the default ``block_size``. With several
+            processes in ``runtime.context``, the query preconditioning is split over them too
+            (and, for CG / LiSSA / Arnoldi, its curvature products).
+        context: a :class:`DistContext` (default: ``runtime.context``, else one process).
         partition: ``"i/n"``: score only that share of the training examples (a partial store).
         block_size: training examples per block (one GEMM, one done flag).
         query_block_size: queries preconditioned at once (default all, or the store's block
@@ -101,7 +103,7 @@ def stream_scores(influence: Influence, query, train, *, k: int | None = None, s
                                 "the score matrix), or both; otherwise nothing is kept.")
     influence._check()  # the inverse belongs to this model, also when every block is done
     runtime = resolve_runtime(runtime)
-    context = context or DistContext()
+    context = context if context is not None else runtime.dist
     partition = Partition.parse(partition)
     n_query = num_examples(as_loader(query, runtime, "query data"))
     n_train = num_examples(as_loader(train, runtime, "training data"))
@@ -204,9 +206,13 @@ def _score_query_block(influence, query, train, runtime, grid: _Grid, qi: int, m
     if top is not None and store is not None:
         for ti in sorted(set(mine) - set(pending)):
             top.update(store.read_block(qi, ti), grid.train_block(ti).start, rows.start)
-    if not pending:
+    # with a distributed runtime preconditioning is collective: every process takes part when
+    # any process has blocks left
+    if not (runtime.dist.sum(len(pending)) if runtime.dist.is_distributed else pending):
         return 0
     pre = influence.precondition(take(query, rows, runtime, "query data"), runtime)
+    if not pending:
+        return 0
     pre = pre.to(dtype)
     block_runtime = runtime.replace(batch_size=grid.train_block_size)
     for first, last in _runs(pending):

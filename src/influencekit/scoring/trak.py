@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InfluenceKitError, ModelMismatchError
-from ..grads import RandomProjection, iter_values_and_gradients
+from ..grads import RandomProjection, iter_values_and_gradients, sharded
 from ..runtime import Runtime, resolve_runtime
 from ..task.classification import log_odds
 
@@ -51,18 +51,28 @@ class TRAK:
         self.measurement = measurement
 
     def _features(self, params, data, runtime):
-        """(Φ [n, k], Q [n]) through the gradient engine (no regulariser: f_out's gradient)."""
+        """(Φ [n, k], Q [n]) through the gradient engine (no regulariser: f_out's gradient);
+        split over the processes of ``runtime.context`` and gathered."""
         of = log_odds if self.measurement == "log_odds" else "loss"
-        feats, qs = [], []
-        for _, values, flat in iter_values_and_gradients(self.target, data, runtime, of=of,
-                                                         params=params, desc="TRAK features",
-                                                         include_regularizer=False):
-            feats.append(flat if self.projection is None else self.projection(flat))
-            if self.measurement == "log_odds":
-                qs.append(1.0 - torch.sigmoid(values))  # σ(log-odds) = p_y
-            else:
-                qs.append(torch.ones_like(values))
-        return torch.cat(feats), torch.cat(qs)
+
+        def compute(part, local):
+            feats, qs = [], []
+            for _, values, flat in iter_values_and_gradients(
+                    self.target, part, local, of=of, params=params, desc="TRAK features",
+                    include_regularizer=False):
+                feats.append(flat if self.projection is None else self.projection(flat))
+                if self.measurement == "log_odds":
+                    qs.append(1.0 - torch.sigmoid(values))  # σ(log-odds) = p_y
+                else:
+                    qs.append(torch.ones_like(values))
+            return torch.cat(feats), torch.cat(qs)
+
+        def empty():
+            some = next(iter(params.values()))
+            k = self.target.num_params if self.projection is None else self.projection.dim
+            return (some.new_empty(0, k), some.new_empty(0))
+
+        return sharded(data, runtime, compute, empty)
 
     def pairwise(self, query, train, runtime: Runtime | None = None) -> torch.Tensor:
         """Scores ``[n_query, n_train]`` (module doc for sign and scale)."""

@@ -109,6 +109,12 @@ class ResultsArray:
         array = ResultsArray(folder, _load_meta(folder), writable=False)
         return int(array.done().sum())
 
+    @staticmethod
+    def read_config(folder) -> dict:
+        """The ``config`` recorded in the store in ``folder`` (its manifest is checked; the rows
+        are not read)."""
+        return _load_meta(Path(folder))["config"]
+
     def close(self) -> None:
         """Close the file descriptors used for writing (reopened on the next write)."""
         for fd in self._fds.values():
@@ -231,7 +237,34 @@ class ResultsArray:
             raise StoreError(self._corrupt_message(bad))
         return values.copy()
 
+    def read_row(self, row: int) -> np.ndarray:
+        """One done row ``row_shape``, verified against its checksum (reads only that row).
+
+        Raises :class:`StoreError` when the row is not done or its bytes do not match.
+        """
+        row = self._check_row(row)
+        for attempt in range(2):  # once more, in case a writer was mid-record
+            record, data = self._read_one(row)
+            if not any(record):
+                raise StoreError(f"row {row} of the results store {self.folder} is not done; "
+                                 "compute it first (ResultsArray.pending lists such rows).")
+            if self._digest(row, data) == record:
+                return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[1:]).copy()
+            if not attempt:
+                time.sleep(_RETRY_SECONDS)
+        raise StoreError(self._corrupt_message([row]))
+
     # -- internals ----------------------------------------------------------------------------
+    def _read_one(self, row: int) -> tuple[bytes, bytes]:
+        """The record, then the bytes, of one row (the order a writer's syncs guarantee)."""
+        self._check_file(CHECKSUMS)
+        self._check_file(VALUES)
+        with open(self._path(CHECKSUMS), "rb") as handle:
+            record = os.pread(handle.fileno(), RECORD_BYTES, self._record_offset(row))
+        with open(self._path(VALUES), "rb") as handle:
+            data = os.pread(handle.fileno(), self.row_bytes, self._value_offset(row))
+        return record, data
+
     def _check_row(self, row) -> int:
         if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)):
             raise StoreError(f"a row index must be an integer, got {row!r}")
