@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 FOLDER = Path("/usr/share/datasets/fashion-mnist")
+CACHE = Path(__file__).parent / ".cache"
 
 
 def available() -> bool:
@@ -92,11 +93,24 @@ def conv_and_fc(model: nn.Module) -> list[str]:
 
 def train_resnet(train, epochs=4, lr=3e-3, batch_size=64, seed=0) -> SmallResNet:
     """Adam on the mean cross-entropy through the library's loop (``ik.response.train``), batch
-    norm in training mode (its running statistics are updated in place), then eval mode."""
-    import influencekit as ik
+    norm in training mode (its running statistics are updated in place), then eval mode.
+    The weights are cached as safetensors under ``benchmarks/.cache`` (keyed by the data and
+    settings)."""
+    import hashlib
 
+    from safetensors.torch import load_file, save
+
+    import influencekit as ik
+    from influencekit.storage import atomic_write
+
+    key = hashlib.sha256(repr((train[0].sum().item(), train[1].tolist(), epochs, lr, batch_size,
+                               seed)).encode()).hexdigest()[:12]
+    path = CACHE / f"fashion-resnet-{key}.safetensors"
     torch.manual_seed(seed)
     model = SmallResNet()
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
     target = ik.Target(model, ik.ClassificationTask())
     schedule = ik.response.batch_schedule(len(train[1]), batch_size=batch_size, seed=seed,
                                           epochs=epochs)
@@ -104,4 +118,6 @@ def train_resnet(train, epochs=4, lr=3e-3, batch_size=64, seed=0) -> SmallResNet
     result = ik.response.train(target, train, schedule, optimizer="adam", lr=lr,
                                desc="training the ResNet")
     ik.write_params(target, result.params)
+    CACHE.mkdir(exist_ok=True)
+    atomic_write(path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
     return model.eval()

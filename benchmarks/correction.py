@@ -54,8 +54,9 @@ CACHE = Path(__file__).parent / ".cache"
 
 @dataclass
 class Problem:
-    """One task's model and data: ``points`` (data of the mispredicted points, labels = the
-    true labels each prediction should become), ``params`` (what fine-tuning moves; None = the
+    """One task's model and data: ``points`` (data of the mispredicted points of both splits,
+    labels = the true labels each prediction should become), ``rows`` (the positions of this
+    split's points among them; None = all), ``params`` (what fine-tuning moves; None = the
     Target's), ``key`` (identifies model + data for the cache)."""
 
     name: str
@@ -68,6 +69,7 @@ class Problem:
     key: str
     params: list[str] | None = None
     runtime: ik.Runtime = field(default_factory=ik.Runtime)
+    rows: torch.Tensor | None = None
 
 
 def load() -> str:
@@ -125,12 +127,12 @@ def layer_set(layers: dict, name: str):
 
 
 def split_points(pred, labels, args):
-    """Indices of the mispredicted pool points of ``args.split``: the first ``val_points``
-    (validation) or the next ``limit`` (test)."""
-    wrong = (pred != labels).nonzero()[:, 0].tolist()
-    if args.split == "val":
-        return wrong[:args.val_points]
-    return wrong[args.val_points:args.val_points + args.limit]
+    """Indices of the mispredicted pool points: the first ``val_points`` are the validation
+    points, the next ``limit`` the test points. Returns (all of them, positions of the split)."""
+    wrong = (pred != labels).nonzero()[:, 0][:args.val_points + args.limit]
+    n_val = min(args.val_points, len(wrong))
+    rows = range(n_val) if args.split == "val" else range(n_val, len(wrong))
+    return wrong, torch.tensor(list(rows), dtype=torch.long)
 
 
 # -- tasks ------------------------------------------------------------------------------------
@@ -179,15 +181,15 @@ def fashion_task(args, log):
     inverse = fitted_inverse(target, data["train"], key, args, runtime, log, small_block=2500)
     with torch.no_grad():
         pred = model(data["pool"][0]).argmax(1)
-    idx = split_points(pred, data["pool"][1], args)
+    idx, rows = split_points(pred, data["pool"][1], args)
     heldout = data[f"heldout_{args.split}"]
     acc = float((model(heldout[0]).argmax(1) == heldout[1]).double().mean())
-    log(f"  held-out ({args.split}) accuracy {acc:.4f}; {len(idx)} {args.split} points")
+    log(f"  held-out ({args.split}) accuracy {acc:.4f}; {len(rows)} {args.split} points")
     layers = {"all": None, "block2": [n for n in target.space.names
                                       if n.startswith(("block2.", "fc."))], "head": ["fc"]}
     return Problem(f"fashion-resnet-conv-{args.inverse}", target, inverse, data["train"],
                    heldout, ik.grads.take(data["pool"], idx), data["pool"][1][idx], key,
-                   params=layer_set(layers, args.params), runtime=runtime)
+                   params=layer_set(layers, args.params), runtime=runtime, rows=rows)
 
 
 def minilm_task(args, log):
@@ -207,16 +209,16 @@ def minilm_task(args, log):
         f"pooler and classifier, p={target.num_params}")
     inverse = fitted_inverse(target, data["train"], key, args, runtime, log, small_block=5000)
     pred = _tweets.predictions(model, data["pool"])
-    idx = split_points(pred, data["pool"]["labels"], args)
+    idx, rows = split_points(pred, data["pool"]["labels"], args)
     heldout = data[f"heldout_{args.split}"]
     log(f"  pool accuracy {float((pred == data['pool']['labels']).double().mean()):.4f}; "
         f"held-out ({args.split}) accuracy {_tweets.accuracy(model, heldout):.4f}; "
-        f"{len(idx)} {args.split} points")
+        f"{len(rows)} {args.split} points")
     points = ik.grads.take(data["pool"], idx)
     layers = {**_tweets.LAYER_SETS, "all": None}
     return Problem(f"minilm-tweets-{args.inverse}", target, inverse, data["train"], heldout,
                    points, points["labels"], key, params=layer_set(layers, args.params),
-                   runtime=runtime)
+                   runtime=runtime, rows=rows)
 
 
 TASKS = {"digits": digits_task, "fashion_head": fashion_head_task, "fashion": fashion_task,
@@ -225,9 +227,10 @@ TASKS = {"digits": digits_task, "fashion_head": fashion_head_task, "fashion": fa
 
 # -- the experiment ---------------------------------------------------------------------------
 def selection(problem: Problem, selector: str, args, log) -> torch.Tensor:
-    """``[n_points, n_train]`` selection scores (cached for the cached tasks)."""
+    """``[n_points, n_train]`` selection scores of the points of BOTH splits (one pass over the
+    training data; cached for the cached tasks)."""
     config = problem.inverse.get_config() if selector == "influence" else None
-    folder = CACHE / f"selection-{digest(problem.key, selector, config, args.split, args.limit, args.val_points)}"  # noqa: E501
+    folder = CACHE / f"selection-{digest(problem.key, selector, config, args.limit, args.val_points)}"  # noqa: E501
     cacheable = problem.key not in ("digits", "fashion-head")
     if cacheable and (folder / "manifest.json").exists():
         return ik.storage.load_tensors(folder)[0]["scores"]
@@ -242,16 +245,17 @@ def selection(problem: Problem, selector: str, args, log) -> torch.Tensor:
 
 
 def run(problem: Problem, args, log) -> list[dict]:
-    n = len(problem.labels)
+    rows = range(len(problem.labels)) if problem.rows is None else problem.rows.tolist()
+    n = len(rows)
     before = ik.correction.accuracy(problem.target, problem.target.params(), problem.heldout,
                                     problem.runtime)
-    rows = []
+    out = []
     for selector in args.selectors.split(","):
         scores = None if selector == "random" else selection(problem, selector, args, log)
         t0 = time.time()
         fixed = steps = 0
         deltas, real, forecast = [], [], []
-        for i in range(n):
+        for i in rows:
             r = ik.correction.fix_prediction(
                 problem.target, problem.inverse, problem.train, one(problem.points, i),
                 int(problem.labels[i]), k=args.k, steps=args.steps, lr=args.lr,
@@ -273,13 +277,13 @@ def run(problem: Problem, args, log) -> list[dict]:
                "steps": args.steps, "params": args.params,
                "heldout_acc_before": before, "seconds": round(time.time() - t0, 1),
                "load": load()}
-        rows.append(row)
+        out.append(row)
         log(f"  {selector:20s} fix {row['fix_rate']:.2f}  steps {row['mean_steps']:.2f}  "
             f"held-out {row['heldout_acc_delta']:+.2f} pts (worst "
             f"{row['worst_heldout_acc_delta']:+.2f})  query loss "
             f"{row['mean_query_loss_change']:+.3f} (forecast "
             f"{row['mean_predicted_loss_change']:+.3f})  {row['seconds']:.0f}s, {load()}")
-    return rows
+    return out
 
 
 def plot(path: str, files: list[str]) -> None:

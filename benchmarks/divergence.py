@@ -38,6 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from correction import digest  # noqa: E402  (the cache keys of the correction benchmark)
+
 import influencekit as ik  # noqa: E402
 from influencekit import diagnostics as dg  # noqa: E402
 
@@ -82,43 +84,40 @@ def fashion_problem(args, log):
     model = _fashion.train_resnet(data["train"])
     target = ik.Target(model, ik.ClassificationTask(), params=_fashion.conv_and_fc(model))
     query = tuple(t[:args.queries] for t in data["heldout_val"])
-    return "fashion-resnet-conv", target, data["train"], query, data["train"][1], \
+    key = digest("fashion-conv", target.fingerprint())
+    return "fashion-resnet-conv", key, target, data["train"], query, data["train"][1], \
         ik.Runtime(batch_size=128)
 
 
 def minilm_problem(args, log):
     import _tweets
 
-    model, _, data = _tweets.finetuned_minilm(_tweets.Setting(), log)
+    setting = _tweets.Setting()
+    model, _, data = _tweets.finetuned_minilm(setting, log)
     target = ik.Target(model, ik.SequenceClassificationTask(),
                        params=_tweets.LAST_TWO_BLOCKS_AND_HEAD)
     query = {k: v[:args.queries] for k, v in data["heldout_val"].items()}
-    return "minilm-tweets", target, data["train"], query, data["train"]["labels"], \
+    key = digest("minilm", setting.key(), target.fingerprint())
+    return "minilm-tweets", key, target, data["train"], query, data["train"]["labels"], \
         ik.Runtime(batch_size=32)
 
 
 PROBLEMS = {"fashion": fashion_problem, "minilm": minilm_problem}
 
 
-def fitted_ekfac(name, target, train, runtime, log):
-    """EK-FAC (damping 'auto') on the GGN, cached like the correction benchmark's."""
-    from correction import CACHE, digest  # the same cache folder and keys
+def fitted_ekfac(key, target, train, runtime, log):
+    """EK-FAC (damping 'auto') on the GGN: the correction benchmark's cached inverse."""
+    from correction import fitted_inverse
 
-    folder = CACHE / f"divergence-inverse-{digest(name, target.fingerprint())}"
-    if (folder / "manifest.json").exists():
-        return ik.storage.load_inverse(folder, target)
-    t0 = time.time()
-    inverse = ik.EKFAC(damping="auto").fit(ik.Curvature(target, train, kind="ggn"), runtime)
-    log(f"EK-FAC fitted in {time.time() - t0:.0f}s ({load()})")
-    ik.storage.save_inverse(folder, inverse)
-    return inverse
+    options = argparse.Namespace(inverse="ekfac", damping="auto")
+    return fitted_inverse(target, train, key, options, runtime, log, small_block=0)
 
 
 def groups_run(args, log):
     t0 = time.time()
-    name, target, train, query, labels, runtime = PROBLEMS[args.task](args, log)
+    name, key, target, train, query, labels, runtime = PROBLEMS[args.task](args, log)
     setup = dg.TrainingSetup(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
-    base = fitted_ekfac(name, target, train, runtime, log)
+    base = fitted_ekfac(key, target, train, runtime, log)
     horizons = [int(h) for h in args.horizons.split(",")]
     inverses = [with_damping(base, dg.horizon_damping(setup, h)) for h in horizons]
     groups = class_loss_groups(target, train, labels, args.groups_per_class, runtime)
@@ -216,8 +215,8 @@ def plot(path: str, name: str, curves) -> None:
 
 def trust_row(args, log) -> None:
     """The TrustReport's parameter-divergence row (``ik.diagnostics.check``) on the task."""
-    name, target, train, query, _, runtime = PROBLEMS[args.task](args, log)
-    inverse = fitted_ekfac(name, target, train, runtime, log)
+    name, key, target, train, query, _, runtime = PROBLEMS[args.task](args, log)
+    inverse = fitted_ekfac(key, target, train, runtime, log)
     setup = dg.TrainingSetup(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
     t0 = time.time()
     report = ik.diagnostics.check(target, inverse, train, query, runtime,

@@ -157,12 +157,12 @@ def selection_scores(target: Target, inverse: InverseCurvature | None, train, qu
 
 def selection_directions(inverse: InverseCurvature | None, query_grads: torch.Tensor,
                          selector: str, runtime: Runtime) -> torch.Tensor:
-    """``[n_query, p]``: (C + λI)⁻¹ g_q (``"influence"``, float64) or g_q
-    (``"gradient_similarity"``)."""
+    """``[n_query, p]`` in the dtype of ``query_grads``: (C + λI)⁻¹ g_q (``"influence"``; the
+    inverse solves in its own precision) or g_q (``"gradient_similarity"``)."""
     if selector == "influence":
         if inverse is None:
             raise InfluenceKitError("selector='influence' needs a fitted inverse")
-        return inverse.solve(query_grads.to(torch.float64), runtime)
+        return inverse.solve(query_grads, runtime)
     if selector == "gradient_similarity":
         return query_grads
     raise InfluenceKitError(f"selector={selector!r} ranks no examples; use 'influence' or "
