@@ -289,6 +289,72 @@ def test_divergence_flags_saddle():
     assert finding.verdict == "fail" and finding.value > 1.0
 
 
+def test_group_divergence_real_runs_equal_a_numpy_loop_and_predictions_a_dense_solve():
+    target, data = regression(n=40)
+    x, y = data
+    a, yy = design(x), y.numpy()[:, 0]
+    n, theta = 40, theta_of(target)
+    c = 2 * a.T @ a / n
+    eta = 0.02 / np.linalg.eigvalsh(c)[-1]  # ηc ≪ 1: the regime where λ_T = 1/(ηT) holds
+    setup = dg.TrainingSetup(steps=64, lr=eta)
+    groups = [[3, 7, 11], [0, 20]]
+    queries = (x[:5], y[:5])
+    lams = [dg.horizon_damping(setup, 2), dg.horizon_damping(setup, 64)]
+    assert lams == pytest.approx([1 / (2 * eta), 1 / (64 * eta)], rel=1e-12)
+    inverses = [exact(target, data, "hessian", lam) for lam in lams]
+    for eps in (0.5, -1.0):
+        curves = dg.group_divergence(target, inverses, data, queries, groups, setup,
+                                     epsilon=eps)
+        assert [cv.damping for cv in curves] == pytest.approx(lams)
+        for j, group in enumerate(groups):
+            # real: full-batch GD on the weighted mean loss Σ w (aθ − y)² / Σ w from θ̂ (the
+            # control run stays at θ̂, where the unweighted gradient is zero)
+            w = np.ones(n)
+            w[group] += eps
+            th, real = theta.copy(), {}
+            for t in range(1, 65):
+                th = th - eta * 2 * a.T @ (w * (a @ th - yy)) / w.sum()
+                real[t] = th - theta
+            for h, t in enumerate(curves[0].horizons):
+                np.testing.assert_allclose(curves[0].real_theta_change[h, j].numpy(), real[t],
+                                           rtol=1e-7, atol=1e-12)
+            # predicted: −(ε/n)(C + λI)⁻¹ Σ_{m∈G} g_m, g_m = 2 a_m (a_mᵀθ̂ − y_m)
+            g_group = (2 * a[group] * (a[group] @ theta - yy[group])[:, None]).sum(axis=0)
+            aq = design(queries[0])
+            g_q = 2 * aq * (aq @ theta - queries[1].numpy()[:, 0])[:, None]
+            for cv, lam in zip(curves, lams, strict=True):
+                pred = -eps / n * np.linalg.solve(c + lam * np.eye(4), g_group)
+                np.testing.assert_allclose(cv.predicted_theta_change[j].numpy(), pred,
+                                           rtol=1e-9)
+                np.testing.assert_allclose(cv.predicted_measurement_change[j].numpy(),
+                                           g_q @ pred, rtol=1e-9, atol=1e-14)
+                err = np.linalg.norm(real[64] - pred) / np.linalg.norm(pred)
+                assert float(cv.theta_relative_error()[-1, j]) == pytest.approx(err, rel=1e-7)
+    # the damping matched to the horizon describes it: at T = 2 the λ_2 prediction is closer
+    # than the λ_64 one, at T = 64 the reverse
+    err = [cv.theta_relative_error().mean(dim=1) for cv in curves]
+    assert err[0][1] < err[1][1] and err[1][-1] < err[0][-1]
+    lean = dg.group_divergence(target, inverses, data, queries, groups, setup, epsilon=-1.0,
+                               keep_theta=False)
+    assert lean[0].real_theta_change is None and lean[1].predicted_theta_change is None
+    for full, small in zip(curves, lean, strict=True):
+        torch.testing.assert_close(small.theta_cosine(), full.theta_cosine())
+        torch.testing.assert_close(small.real_measurement_change, full.real_measurement_change)
+
+
+def test_group_divergence_refuses_bad_groups_and_horizon_damping_needs_sgd():
+    target, data = regression(n=10)
+    inverse = exact(target, data, "hessian", 0.1)
+    setup = dg.TrainingSetup(steps=2, lr=0.1)
+    err = ik.errors.InfluenceKitError
+    with pytest.raises(err, match="non-empty index lists"):
+        dg.group_divergence(target, [inverse], data, data, [[1], []], setup)
+    with pytest.raises(err, match=r"outside the training data \(n = 10\)"):
+        dg.group_divergence(target, [inverse], data, data, [[10]], setup)
+    with pytest.raises(err, match="plain SGD"):
+        dg.horizon_damping(dg.TrainingSetup(optimizer="adam"), 4)
+
+
 # -- first-order expansion ----------------------------------------------------------------------
 def test_linearity_error_equals_eps_times_leverage():
     x_far = torch.tensor([6.0, 6.0, -6.0], dtype=torch.float64)

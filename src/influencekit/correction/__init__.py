@@ -6,9 +6,11 @@ from .fix import (
                   accuracy,
                   fix_prediction,
                   query_gradient,
+                  relabel,
                   select,
+                  selection_matrix,
                   selection_scores,
 )
 
-__all__ = ["fix_prediction", "FixResult", "SELECTORS", "selection_scores", "select",
-           "query_gradient", "accuracy"]
+__all__ = ["fix_prediction", "FixResult", "SELECTORS", "selection_scores", "selection_matrix",
+           "select", "query_gradient", "relabel", "accuracy"]

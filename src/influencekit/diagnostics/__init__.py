@@ -19,6 +19,8 @@ from .divergence import (
                         TrainingSetup,
                         continue_training,
                         divergence_finding,
+                        group_divergence,
+                        horizon_damping,
                         parameter_divergence,
 )
 from .linearity import linearity_errors, linearity_finding
@@ -40,7 +42,7 @@ __all__ = [
     "solver_residuals", "residual_finding", "method_agreement", "damping_sensitivity",
     "checkpoint_agreement",
     "TrainingSetup", "DivergenceCurve", "continue_training", "parameter_divergence",
-    "divergence_finding",
+    "group_divergence", "horizon_damping", "divergence_finding",
     "linearity_errors", "linearity_finding",
     "stationarity", "Stationarity", "objective_gradient", "fit_stationarity",
     "weighted_objective_gradient",

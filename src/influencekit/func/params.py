@@ -52,7 +52,9 @@ class ParamSpace:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[*batch, p]`` -> ``{name: [*batch, *shape]}`` (views of ``flat``)."""
         batch = flat.shape[:-1]
-        out = {}
-        for (name, sl), shape in zip(self.slices().items(), self.shapes, strict=True):
-            out[name] = flat[..., sl].reshape(*batch, *shape)
-        return out
+        # one split, not one slice per parameter: the backward of a split concatenates the
+        # parts once (O(p)), while each slice's backward writes a zero-padded [p] gradient
+        # (O(p · number of tensors), seconds per step on a 100-tensor transformer)
+        parts = torch.split(flat, list(self.sizes), dim=-1)
+        return {name: part.reshape(*batch, *shape)
+                for name, part, shape in zip(self.names, parts, self.shapes, strict=True)}
