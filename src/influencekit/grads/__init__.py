@@ -6,7 +6,8 @@
 - the gradient engine (hooks / vmap / loop): :class:`GradientEngine`, :func:`iter_gradients`,
   :func:`gradients`;
 - layers and hooks: :class:`Layer`, :func:`find_layers`, :func:`split_layers`,
-  :class:`LayerCapture`, :class:`LayerPass`;
+  :class:`LayerCapture`, :class:`LayerPass`; a layer's parameters as one gradient matrix
+  (:func:`layer_matrix`, :func:`layer_parameters`);
 - random projections: :class:`RandomProjection`.
 """
 
@@ -29,6 +30,7 @@ from .layers import (
     KRONECKER_KINDS,
     HookIncompatibleError,
     Layer,
+    broadcast_input_error,
     find_layers,
     layer_activations,
     layer_index,
@@ -39,6 +41,7 @@ from .layers import (
     per_example_layer_grads,
     split_layers,
 )
+from .matrices import layer_matrix, layer_parameters
 from .projection import RandomProjection
 from .stream import (
     check_finite,
@@ -55,10 +58,11 @@ __all__ = [
     "ENGINES", "GradientEngine", "iter_gradients", "iter_values_and_gradients", "gradients",
     "compute_dtype",
     "regularizer_gradient", "check_finite",
-    "Layer", "HookIncompatibleError", "KRONECKER_KINDS", "DIAGONAL_KINDS", "find_layers",
+    "Layer", "HookIncompatibleError", "broadcast_input_error", "KRONECKER_KINDS",
+    "DIAGONAL_KINDS", "find_layers",
     "split_layers", "module_kind",
     "layer_index", "layer_tokens", "layer_activations", "layer_output_grads",
-    "normalized_inputs", "per_example_layer_grads",
+    "normalized_inputs", "per_example_layer_grads", "layer_matrix", "layer_parameters",
     "LayerCapture", "LayerPass", "backward_leaves", "live_params",
     "RandomProjection",
 ]

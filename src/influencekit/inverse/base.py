@@ -129,6 +129,34 @@ class InverseCurvature(ABC):
     def _solve(self, grads: torch.Tensor, runtime: Runtime | None) -> torch.Tensor:
         """Apply the fitted inverse to ``grads [k, p]`` (any dtype/device out)."""
 
+    # -- per-parameter solving (the factored scoring path) ------------------------------------
+    def parameter_blocks_(self) -> list[tuple[str, ...]] | None:
+        """The groups of parameter names over which the fitted inverse is block diagonal
+        (every entry coupling two groups is zero), or ``None`` when it couples all parameters.
+
+        Block-diagonal inverses (KFAC, EKFAC, Diagonal, Identity, block_diagonal of any methods)
+        solve block by block in :meth:`solve_per_parameter` without forming ``[k, p]``; scoring
+        takes its factored path for them (:class:`~influencekit.Influence`).
+        """
+        return None
+
+    def solve_per_parameter(self, grads: dict[str, torch.Tensor],
+                            runtime: Runtime | None = None) -> dict[str, torch.Tensor]:
+        """``(C + λI)⁻¹ g`` for gradients given per parameter: ``{name: [k, *shape]}`` in, the
+        same keys, shapes, dtype and device out.
+
+        ``grads`` holds every parameter, or for a block-diagonal inverse any union of whole
+        blocks of :meth:`parameter_blocks_` (the other blocks are independent). This default
+        flattens to ``[k, p]`` and calls :meth:`solve`; block-diagonal inverses override it to
+        solve one block at a time.
+        """
+        self.check_fitted()
+        space = self.param_space_
+        check_parameter_grads(space, grads, None)
+        flat = space.flatten(grads, batch_dims=1)
+        solved = space.unflatten(self.solve(flat, runtime))
+        return {name: solved[name].contiguous() for name in grads}
+
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Fitted tensors by name (no configuration; see :meth:`get_config`)."""
@@ -148,3 +176,40 @@ class InverseCurvature(ABC):
     @abstractmethod
     def _state_names(self) -> list[str]:
         """Names of the tensor attributes that make up the fitted state."""
+
+
+def check_parameter_grads(space: ParamSpace, grads: dict[str, torch.Tensor],
+                          blocks: list[tuple[str, ...]] | None) -> int:
+    """Check per-parameter gradients ``{name: [k, *shape]}`` against ``space``; returns k.
+
+    ``blocks=None``: every parameter must be there; else the names must be a union of whole
+    blocks.
+    """
+    shapes = dict(zip(space.names, space.shapes, strict=True))
+    unknown = [n for n in grads if n not in shapes]
+    if unknown:
+        raise ValueError(f"gradients given for parameters {unknown[:4]} that the inverse was "
+                         f"not fitted on (its parameters: {list(space.names)[:4]} ...)")
+    if blocks is None:
+        missing = [n for n in space.names if n not in grads]
+        if missing:
+            raise ValueError(f"this inverse couples all parameters: gradients for every one are "
+                             f"needed, {missing[:4]} are missing")
+    else:
+        partial = [b for b in blocks if any(n in grads for n in b)
+                   and not all(n in grads for n in b)]
+        if partial:
+            raise ValueError(f"gradients must cover whole blocks of the inverse; block "
+                             f"{list(partial[0])} is only partly given")
+    if not grads:
+        return 0
+    sizes = {t.shape[0] if t.dim() else -1 for t in grads.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"per-parameter gradients must all have the same number of rows k, "
+                         f"got {sorted(sizes)}")
+    k = sizes.pop()
+    for name, t in grads.items():
+        if tuple(t.shape[1:]) != tuple(shapes[name]):
+            raise ValueError(f"gradient of {name!r} has shape {tuple(t.shape)}, expected "
+                             f"[k, {', '.join(map(str, shapes[name]))}]")
+    return k

@@ -9,7 +9,7 @@ from ..errors import NotFittedError
 from ..func.params import ParamSpace
 from ..task.regularizer import L2Regularizer
 from ..task.target import Target
-from .base import REGISTRY, InverseCurvature
+from .base import REGISTRY, InverseCurvature, check_parameter_grads
 
 
 class BlockDiagonal(InverseCurvature):
@@ -119,6 +119,27 @@ class BlockDiagonal(InverseCurvature):
         for block, idx in zip(self.blocks_, self.indices_, strict=True):
             idx = idx.to(grads.device)
             out[:, idx] = block.solve(grads[:, idx], runtime)
+        return out
+
+    def parameter_blocks_(self) -> list[tuple[str, ...]]:
+        """Each group's blocks: a block-diagonal sub-inverse's own blocks, else its whole
+        group."""
+        InverseCurvature.check_fitted(self)
+        out = []
+        for block in self.blocks_:
+            out.extend(block.parameter_blocks_() or [tuple(block.param_space_.names)])
+        return out
+
+    def solve_per_parameter(self, grads, runtime=None):
+        """Each group's inverse on its own parameters (see
+        :meth:`InverseCurvature.solve_per_parameter`)."""
+        self.check_fitted()
+        check_parameter_grads(self.param_space_, grads, self.parameter_blocks_())
+        out = {}
+        for block in self.blocks_:
+            mine = {n: grads[n] for n in block.param_space_.names if n in grads}
+            if mine:
+                out.update(block.solve_per_parameter(mine, runtime))
         return out
 
     @property

@@ -9,7 +9,7 @@ from ..func.products import hessian_vector_products
 from ..grads import compute_dtype
 from ..task.regularizer import L2Regularizer
 from .arnoldi import PROBE_CHUNK
-from .base import InverseCurvature
+from .base import InverseCurvature, check_parameter_grads
 
 ESTIMATORS = ("auto", "dense", "gradients", "hutchinson")
 FISHER_KINDS = ("fisher", "empirical_fisher")
@@ -86,6 +86,23 @@ class Diagonal(InverseCurvature):
 
     def _solve(self, grads, runtime=None):
         return grads.to(torch.float64).cpu() / (self.diagonal_ + self.damping)
+
+    def parameter_blocks_(self) -> list[tuple[str, ...]]:
+        """Every parameter is its own block (the inverse is diagonal)."""
+        return [(name,) for name in self.param_space_.names]
+
+    def solve_per_parameter(self, grads, runtime=None):
+        self.check_fitted()
+        space = self.param_space_
+        check_parameter_grads(space, grads, self.parameter_blocks_())
+        slices = space.slices()
+        out = {}
+        for name, g in grads.items():
+            d = (self.diagonal_[slices[name]] + self.damping).to(device=g.device)
+            work = torch.promote_types(g.dtype, torch.float32)
+            solved = g.reshape(g.shape[0], -1).to(work) / d.to(work)
+            out[name] = solved.reshape(g.shape).to(g.dtype)
+        return out
 
     def _state_names(self):
         return ["diagonal_"]

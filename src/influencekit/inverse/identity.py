@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import InverseCurvature
+from .base import InverseCurvature, check_parameter_grads
 
 
 class Identity(InverseCurvature):
@@ -28,6 +28,17 @@ class Identity(InverseCurvature):
     def _solve(self, grads, runtime=None):
         g = grads.to(torch.float64)
         return g / self.damping if self.damping > 0 else g.clone()
+
+    def parameter_blocks_(self) -> list[tuple[str, ...]]:
+        """Every parameter is its own block."""
+        return [(name,) for name in self.param_space_.names]
+
+    def solve_per_parameter(self, grads, runtime=None):
+        self.check_fitted()
+        check_parameter_grads(self.param_space_, grads, self.parameter_blocks_())
+        if self.damping > 0:
+            return {name: g / self.damping for name, g in grads.items()}
+        return {name: g.clone() for name, g in grads.items()}
 
     def _state_names(self):
         return []

@@ -21,9 +21,9 @@ import torch
 from ..curvature.kfac import eigenvalue_corrections, kronecker_factors
 from ..curvature.labels import LabelSets, resolve_label_mode
 from ..errors import InfluenceKitError, UnsupportedModuleError
-from ..grads import Layer, find_layers, layer_index
+from ..grads import Layer, find_layers, layer_index, layer_matrix, layer_parameters
 from ..task.regularizer import L2Regularizer
-from .base import InverseCurvature
+from .base import InverseCurvature, check_parameter_grads
 
 FACTORED_KINDS = ("linear", "conv2d", "conv1d")
 
@@ -167,6 +167,33 @@ class _KroneckerInverse(InverseCurvature):
             e = self._eigenvalues(i).reshape(-1) + self.regularizer_shift_[i]
             flat = idx.reshape(-1).to(device)
             out[flat[:, None], flat[None, :]] = (q * e) @ q.T
+        return out
+
+    # -- per-parameter solving (factored scoring) ---------------------------------------------
+    def parameter_blocks_(self) -> list[tuple[str, ...]]:
+        """One block per factored layer: its weight and bias names."""
+        return [tuple(n for n in (layer.weight, layer.bias) if n) for layer in self.layers_]
+
+    def solve_per_parameter(self, grads, runtime=None):
+        """Layer by layer in the ``[d_out, width]`` layout: ``Q_S ((Q_Sᵀ G Q_A) / (Λ + λ)) Q_Aᵀ``
+        (see :meth:`InverseCurvature.solve_per_parameter`). Computed in the gradients' dtype
+        (at least float32) from the float64 eigenbases; nothing of size ``[k, p]`` is formed."""
+        self.check_fitted()
+        space = self.param_space_
+        check_parameter_grads(space, grads, self.parameter_blocks_())
+        shapes = dict(zip(space.names, space.shapes, strict=True))
+        out = {}
+        for i, layer in enumerate(self.layers_):
+            if not any(n in grads for n in (layer.weight, layer.bias) if n):
+                continue
+            g = layer_matrix(layer, grads)
+            work = torch.promote_types(g.dtype, torch.float32)
+            qa = self.a_eigenvectors_[i].to(device=g.device, dtype=work)
+            qs = self.s_eigenvectors_[i].to(device=g.device, dtype=work)
+            shift = self.regularizer_shift_[i] + self.layer_damping_[i]
+            denominator = (self._eigenvalues(i) + shift).to(device=g.device, dtype=work)
+            solved = qs @ ((qs.T @ g.to(work) @ qa) / denominator) @ qa.T
+            out.update(layer_parameters(layer, solved.to(g.dtype), shapes))
         return out
 
     # -- persistence --------------------------------------------------------------------------

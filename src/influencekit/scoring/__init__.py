@@ -1,6 +1,8 @@
 """Scores: influence (and TracIn, TRAK) of training examples on measurements; streaming top-k
 and score stores for runs whose ``[n_query, n_train]`` matrix does not fit in memory."""
 
+from .batching import query_rank_correlation
+from .factored import PreparedQueries, TokenScores
 from .influence import Influence
 from .streaming import StreamedScores, score_block, store_top_k, stream_scores
 from .topk import RunningTopK, TopKScores
@@ -8,4 +10,5 @@ from .tracin import TracIn
 from .trak import TRAK
 
 __all__ = ["Influence", "TracIn", "TRAK", "stream_scores", "StreamedScores", "RunningTopK",
-           "TopKScores", "store_top_k", "score_block"]
+           "TopKScores", "store_top_k", "score_block", "PreparedQueries", "TokenScores",
+           "query_rank_correlation"]

@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import InfluenceKitError
+
 ModelCall = Callable[..., object]
 
 
@@ -83,6 +85,14 @@ class Task(ABC):
     def measurement(self, outputs: torch.Tensor, targets) -> torch.Tensor:
         """Per-example measurement f, shape ``[B]``; by default the loss."""
         return self.loss(outputs, targets)
+
+    def token_measurements(self, outputs: torch.Tensor, targets) -> torch.Tensor:
+        """``[B, T]``: the measurement split over the tokens of each example (summing over T to
+        :meth:`measurement`), for scores per query token. Not defined by default."""
+        raise InfluenceKitError(
+            f"{type(self).__name__} does not split its measurement over tokens "
+            "(token_measurements); scores per query token need it. Use a task that does "
+            "(ik.CausalLMTask), or implement token_measurements(outputs, targets) -> [B, T].")
 
     def predictive_targets(self, outputs: torch.Tensor):
         """Targets of the model's own predictive distribution, enumerated exactly.

@@ -121,6 +121,14 @@ class CausalLMTask(Task):
         value = self.loss(outputs, targets)
         return value if self.measurement_name == "loss" else -value
 
+    def token_measurements(self, outputs, targets):
+        """``[B, T]``: the measurement's term of each token: column τ is the loss of predicting
+        token τ (from position τ − 1), or its negative for ``"log_probability"``; 0 at τ = 0 and
+        where the label is ``-100`` (prompt, padding). Sums over T to :meth:`measurement`."""
+        per_token = self.token_losses(outputs, targets)
+        out = torch.nn.functional.pad(per_token, (1, 0))
+        return out if self.measurement_name == "loss" else -out
+
     def sample_targets(self, outputs, targets, generator):
         """Next tokens drawn from the model at every scored position (``-100`` kept)."""
         probs = outputs[:, :-1].detach().to(torch.float64).softmax(dim=-1)
