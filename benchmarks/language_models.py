@@ -273,25 +273,58 @@ def run_kronfluence(job: dict) -> dict:
             "scores": scores.numpy()}
 
 
+def run_analysis(job: dict) -> dict:
+    """One EK-FAC fit, then the sections that reuse it: query batching (correlation of rank-r
+    scores with full rank, and scoring time per r)."""
+    spec = job["task"]
+    dtype = getattr(torch, job["dtype"])
+    model, train, query = load_task(spec, dtype)
+    target = make_target(spec, model)
+    runtime = ik.Runtime(dtype=dtype, batch_size=job["batch_size"], progress=False)
+    train_set, query_set = ik.grads.DictDataset(train), ik.grads.DictDataset(query)
+    inverse = ik.EKFAC(damping=job["damping"], seed=0).fit(ik.Curvature(target, train_set),
+                                                           runtime)
+    out = {"rows": []}
+    if job.get("ranks"):
+        scorer = ik.Influence(target, inverse, include_regularizer=False)
+        t0 = time.perf_counter()
+        scorer.pairwise(query_set, train_set, runtime)
+        full_s = time.perf_counter() - t0
+        correlation = ik.scoring.query_rank_correlation(scorer, query_set, train_set,
+                                                        job["ranks"], runtime)
+        out["rows"].append({"section": "query_batching", "method": "EKFAC_full_rank",
+                            "rank": None, "pearson_vs_full_rank": 1.0, "score_s": full_s})
+        for r in job["ranks"]:
+            ranked = ik.Influence(target, inverse, include_regularizer=False, query_rank=r)
+            t0 = time.perf_counter()
+            ranked.pairwise(query_set, train_set, runtime)
+            out["rows"].append({"section": "query_batching", "method": f"EKFAC_rank{r}",
+                                "rank": r, "pearson_vs_full_rank": correlation[r],
+                                "score_s": time.perf_counter() - t0})
+    return out
+
+
 def worker(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job["threads"])
-    result = run_kronfluence(job) if job["method"]["name"].startswith("kronfluence") \
-        else run_ours(job)
+    name = job["method"]["name"]
+    result = (run_kronfluence(job) if name.startswith("kronfluence")
+              else run_analysis(job) if name == "analysis" else run_ours(job))
     result["process_mb"] = process_peak_mb()
     out = Path(job["out"])
-    np.save(out.with_suffix(".npy"), result.pop("scores"))
+    if "scores" in result:
+        np.save(out.with_suffix(".npy"), result.pop("scores"))
     out.write_text(json.dumps(result))
 
 
 def run_method(spec: dict, method: dict, args, folder: Path, dtype: str,
-               throughput: bool = False) -> dict:
+               throughput: bool = False, **extra) -> dict:
     """Run one method on one task in a fresh subprocess; its result dict (or ``error``)."""
     safe = f"{spec['task']}_{method['name']}_{dtype}"
     out = folder / f"{safe}.json"
     job = {"task": spec, "method": method, "dtype": dtype, "damping": args.damping,
            "threads": args.threads, "batch_size": args.batch_size, "out": str(out),
-           "throughput": throughput}
+           "throughput": throughput, **extra}
     job_path = folder / f"{safe}.job.json"
     job_path.write_text(json.dumps(job))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -307,7 +340,8 @@ def run_method(spec: dict, method: dict, args, folder: Path, dtype: str,
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-4:]
         return {"error": " | ".join(tail)[-400:]}
     result = json.loads(out.read_text())
-    result["scores"] = np.load(out.with_suffix(".npy"))
+    if out.with_suffix(".npy").exists():
+        result["scores"] = np.load(out.with_suffix(".npy"))
     result["wall_s"] = time.perf_counter() - t0
     return result
 
@@ -390,6 +424,24 @@ def cost_section(spec: dict, args, folder: Path, log, throughput: bool) -> list[
     return rows
 
 
+def analysis_section(spec: dict, args, folder: Path, log, sections: list[str]) -> list[dict]:
+    dtype = "float64" if spec["task"] == "tiny_gpt" else "float32"
+    extra = {"ranks": [int(r) for r in args.ranks.split(",")] if "batching" in sections else []}
+    log(f"analysis: {spec['task']} ({', '.join(s for s in sections if s != 'cost')}) ...")
+    result = run_method(spec, {"name": "analysis"}, args, folder, dtype, **extra)
+    if "error" in result:
+        log(f"  ERROR {result['error']}")
+        return [_row(spec, "analysis", "analysis", result)]
+    rows = []
+    for row in result["rows"]:
+        full = _row(spec, row.pop("section"), row.pop("method"), {})
+        full.update(row)
+        rows.append(full)
+        log(f"  {full['section']} {full['method']}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+    return rows
+
+
 KEYS = ("fit_s", "score_s", "peak_mb", "process_mb", "p", "plain_examples_per_s",
         "score_examples_per_s", "plain_over_score", "error", "wall_s")
 
@@ -429,7 +481,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
     p.add_argument("--tasks", default="tiny_gpt,minilm,smollm2")
-    p.add_argument("--sections", default="quality,cost,throughput")
+    p.add_argument("--sections", default="quality,cost,throughput,batching")
+    p.add_argument("--ranks", default="1,2,4,8,16", help="query-batching ranks")
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
@@ -488,6 +541,8 @@ def main(argv=None) -> list[dict]:
                 rows += quality_section(spec, args, folder, log)
             if "cost" in sections or "throughput" in sections:
                 rows += cost_section(spec, args, folder, log, "throughput" in sections)
+            if {"batching"} & set(sections):
+                rows += analysis_section(spec, args, folder, log, sections)
     log(f"load at end: {os.getloadavg()[0]:.2f}")
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -497,8 +552,10 @@ def main(argv=None) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ("task", "section", "method", "pearson_vs_exact", "pearson_vs_pbrf", "fit_s",
-               "score_s", "peak_mb", "process_mb", "plain_over_score")
+    columns = ("task", "section", "method", "pearson_vs_exact", "pearson_vs_pbrf",
+               "pearson_ours_vs_kronfluence", "pearson_vs_full_rank", "fit_s", "score_s",
+               "peak_mb", "process_mb", "plain_over_score", "fit_ratio", "score_ratio",
+               "peak_ratio", "process_ratio")
     print(" | ".join(columns))
     for row in rows:
         cells = []
