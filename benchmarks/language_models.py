@@ -196,8 +196,10 @@ def load_task(spec: dict, dtype: torch.dtype):
         model, _ = ik.data.load_minilm_classifier(num_labels=3, seed=0)
         model.load_state_dict(state)
     else:
-        model, _ = ik.data.load_smollm2()
-    return model.to(dtype).eval(), train, query
+        model, _ = ik.data.load_smollm2()  # float32 (transformers refuses .to() on it)
+    if next(model.parameters()).dtype != dtype:
+        model = model.to(dtype)
+    return model.eval(), train, query
 
 
 def make_target(spec: dict, model) -> ik.Target:

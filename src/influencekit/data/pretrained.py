@@ -69,7 +69,7 @@ def load_smollm2():
     logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
-    return model.float().eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def minilm_folder() -> Path:
