@@ -8,7 +8,8 @@
 - layers and hooks: :class:`Layer`, :func:`find_layers`, :func:`split_layers`,
   :class:`LayerCapture`, :class:`LayerPass`; a layer's parameters as one gradient matrix
   (:func:`layer_matrix`, :func:`layer_parameters`);
-- random projections: :class:`RandomProjection`.
+- random projections: :class:`RandomProjection` (flat), :class:`LayerProjection` (per layer,
+  per side).
 """
 
 from .capture import LayerCapture, LayerPass, backward_leaves, live_params
@@ -40,9 +41,10 @@ from .layers import (
     normalized_inputs,
     per_example_layer_grads,
     split_layers,
+    write_layer_grads,
 )
 from .matrices import layer_matrix, layer_parameters
-from .projection import RandomProjection
+from .projection import LayerProjection, RandomProjection
 from .stream import (
     check_finite,
     compute_dtype,
@@ -62,7 +64,8 @@ __all__ = [
     "DIAGONAL_KINDS", "find_layers",
     "split_layers", "module_kind",
     "layer_index", "layer_tokens", "layer_activations", "layer_output_grads",
-    "normalized_inputs", "per_example_layer_grads", "layer_matrix", "layer_parameters",
+    "normalized_inputs", "per_example_layer_grads", "write_layer_grads", "layer_matrix",
+    "layer_parameters",
     "LayerCapture", "LayerPass", "backward_leaves", "live_params",
-    "RandomProjection",
+    "RandomProjection", "LayerProjection",
 ]

@@ -24,11 +24,12 @@ import torch
 from ..errors import InfluenceKitError, UnsupportedModuleError
 from ..func.grads import per_example_gradients, per_example_gradients_loop
 from .capture import LayerPass
+from .data import batch_size
 from .layers import (
     HookIncompatibleError,
     broadcast_input_error,
-    per_example_layer_grads,
     split_layers,
+    write_layer_grads,
 )
 
 ENGINES = ("auto", "hooks", "vmap", "loop")
@@ -67,6 +68,7 @@ class GradientEngine:
                 "the rest).")
         self.rest_method = engine if engine in ("vmap", "loop") else "vmap"
         self.shapes = dict(zip(names, target.space.shapes, strict=True))
+        self.slices = target.space.slices()
         self._shape_checked = False
 
     def __call__(self, params: dict[str, torch.Tensor], batch, of: Differentiated = "loss",
@@ -75,20 +77,46 @@ class GradientEngine:
 
         ``targets`` replaces the batch's targets for the loss (sampled labels of the Fisher).
         """
+        values, grads = self._compute(params, batch, of, targets, into=None)
+        return values, {n: grads[n] for n in self.target.space.names}
+
+    def flat(self, params: dict[str, torch.Tensor], batch, of: Differentiated = "loss",
+             targets=None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values [B], grads [B, p])`` in the flat layout of ``target.space``: each layer
+        writes straight into its column block (no per-parameter copies). ``out`` is reused when
+        it has the right shape, dtype and device (a buffer the caller keeps between batches: a
+        fresh ``[B, p]`` costs page faults on every batch)."""
+        size = batch_size(batch)
+        some = next(iter(params.values()))
+        p = self.target.space.numel
+        if out is None or out.shape != (size, p) or out.dtype != some.dtype \
+                or out.device != some.device:
+            out = torch.empty(size, p, dtype=some.dtype, device=some.device)
+        into = {name: out[:, sl].view(size, *self.shapes[name])
+                for name, sl in self.slices.items()}
+        values, _ = self._compute(params, batch, of, targets, into=into)
+        return values, out
+
+    def _compute(self, params, batch, of, targets, into):
+        """``(values, grads)``; with ``into`` the gradients are written there instead."""
         values, grads = None, {}
         if self.layers:
             try:
-                values, grads = self._by_hooks(params, batch, of, targets)
+                values, grads = self._by_hooks(params, batch, of, targets, into)
             except HookIncompatibleError as exc:
                 if self.engine != "auto":
                     raise
                 self.demote(exc.module)
-                return self(params, batch, of, targets)
+                return self._compute(params, batch, of, targets, into)
         if self.rest:
             rest_values, rest_grads = self._by_transform(params, batch, of, targets)
             values = rest_values if values is None else values
-            grads.update(rest_grads)
-        return values, {n: grads[n] for n in self.target.space.names}
+            if into is None:
+                grads.update(rest_grads)
+            else:
+                for name, g in rest_grads.items():
+                    into[name].copy_(g)
+        return values, grads
 
     def loss_gradients_per_target_set(self, params: dict[str, torch.Tensor], batch,
                                       target_sets: Callable):
@@ -113,7 +141,7 @@ class GradientEngine:
                 yield coef, self._assemble(lp, inputs, out_grads, values.dtype)
 
     # -- hooks ----------------------------------------------------------------------------------
-    def _by_hooks(self, params, batch, of, targets):
+    def _by_hooks(self, params, batch, of, targets, into=None):
         live = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         with LayerPass(self.target, self.layers) as lp:
             outputs = lp.forward(live, batch)
@@ -121,7 +149,7 @@ class GradientEngine:
             inputs = dict(lp.inputs)
             self._check_batch_inputs(inputs, values.shape[0])
             out_grads = lp.backward(values)
-        return values.detach(), self._assemble(lp, inputs, out_grads, values.dtype)
+        return values.detach(), self._assemble(lp, inputs, out_grads, values.dtype, into)
 
     def _check_batch_inputs(self, inputs, size):
         for layer in self.layers:
@@ -129,15 +157,23 @@ class GradientEngine:
             if got != size:
                 raise broadcast_input_error(layer.name, got, size)
 
-    def _assemble(self, lp, inputs, out_grads, dtype) -> dict[str, torch.Tensor]:
-        """Per-example gradients of the hooked parameters (tied ones summed over layers)."""
-        grads: dict[str, torch.Tensor] = {}
+    def _assemble(self, lp, inputs, out_grads, dtype, into=None) -> dict[str, torch.Tensor]:
+        """Per-example gradients of the hooked parameters (tied ones summed over layers),
+        returned, or written into ``into`` (then ``{}`` is returned)."""
+        size = next(iter(inputs.values())).shape[0]
+        if into is None:
+            into = {name: torch.empty((size, *self.shapes[name]), dtype=dtype,
+                                      device=next(iter(inputs.values())).device)
+                    for layer in self.layers for name in (layer.weight, layer.bias) if name}
+            returned = into
+        else:
+            returned = {}
+        written: set[str] = set()
         for layer in self.layers:
-            part = per_example_layer_grads(layer, lp.modules[layer.name], inputs[layer.name],
-                                           out_grads[layer.name], self.shapes, dtype)
-            for name, g in part.items():
-                grads[name] = g if name not in grads else grads[name] + g
-        return grads
+            write_layer_grads(layer, lp.modules[layer.name], inputs[layer.name],
+                              out_grads[layer.name], into, frozenset(written))
+            written |= {n for n in (layer.weight, layer.bias) if n}
+        return returned
 
     def demote(self, module: str) -> None:
         """Move a layer that hooks cannot handle (called twice per forward, or fed an input

@@ -249,31 +249,65 @@ def per_example_layer_grads(layer: Layer, module: nn.Module, x: torch.Tensor,
     of its selected parameters, from its input ``x`` and output gradient ``grad`` (None when the
     output does not reach the differentiated value: zeros)."""
     size = x.shape[0]
-    if grad is None:
-        return {n: torch.zeros((size, *shapes[n]), dtype=dtype, device=x.device)
-                for n in (layer.weight, layer.bias) if n}
-    g = layer_output_grads(layer, grad)
-    out = {}
-    if layer.bias:
-        out[layer.bias] = g.sum(dim=1).reshape(size, *shapes[layer.bias])
-    if layer.weight:
-        out[layer.weight] = _weight_grad(layer, module, x, g).reshape(size, *shapes[layer.weight])
+    out = {n: torch.empty((size, *shapes[n]), dtype=dtype, device=x.device)
+           for n in (layer.weight, layer.bias) if n}
+    write_layer_grads(layer, module, x, grad, out)
     return out
 
 
-def _weight_grad(layer: Layer, module: nn.Module, x: torch.Tensor, g: torch.Tensor):
+def write_layer_grads(layer: Layer, module: nn.Module, x: torch.Tensor,
+                      grad: torch.Tensor | None, into: dict[str, torch.Tensor],
+                      add: frozenset = frozenset()) -> None:
+    """Write this layer's per-example gradients into ``into[name]`` (``[B, *shape]``, any
+    strides — e.g. column blocks of a flat ``[B, p]`` buffer, written in place with no
+    intermediate copy), or add them for the names in ``add`` (tied weights)."""
+    size = x.shape[0]
+    g = None if grad is None else layer_output_grads(layer, grad)
+    if layer.bias:
+        dest = into[layer.bias].view(size, layer.d_out)
+        if g is None:
+            _zero_unless(dest, layer.bias in add)
+        elif layer.bias in add:
+            dest.add_(g.sum(dim=1))
+        else:
+            torch.sum(g, dim=1, out=dest)
+    if layer.weight:
+        _write_weight(layer, module, x, g, into[layer.weight], layer.weight in add)
+
+
+def _zero_unless(dest: torch.Tensor, keep: bool) -> None:
+    if not keep:
+        dest.zero_()
+
+
+def _write_weight(layer: Layer, module: nn.Module, x: torch.Tensor, g: torch.Tensor | None,
+                  dest: torch.Tensor, add: bool) -> None:
+    size = x.shape[0]
+    if g is None:
+        _zero_unless(dest, add)
+        return
     if layer.kind in DIAGONAL_KINDS:
-        return (g * normalized_inputs(layer, module, x).to(g.dtype)).sum(dim=1)
+        value = (g * normalized_inputs(layer, module, x).to(g.dtype)).sum(dim=1)
+        dest.view(size, -1).add_(value) if add else dest.view(size, -1).copy_(value)
+        return
     if layer.kind == "embedding":
-        ids = x.reshape(x.shape[0], -1)
+        ids = x.reshape(size, -1)
         if module.padding_idx is not None:
             g = g.masked_fill((ids == module.padding_idx)[..., None], 0)
-        out = g.new_zeros(x.shape[0], layer.d_in, layer.d_out)
-        return out.scatter_add_(1, ids[..., None].expand(-1, -1, layer.d_out), g)
+        table = dest.view(size, layer.d_in, layer.d_out)
+        _zero_unless(table, add)
+        table.scatter_add_(1, ids[..., None].expand(-1, -1, layer.d_out), g)
+        return
     tokens = layer_tokens(layer, module, x).to(g.dtype)
-    if layer.kind == "conv1d":
-        return torch.bmm(tokens.transpose(1, 2), g)          # [B, d_in, d_out] as stored
-    return torch.bmm(g.transpose(1, 2), tokens)              # [B, d_out, d_in]
+    if layer.kind == "conv1d":  # stored [d_in, d_out]
+        left, right, shape = tokens.transpose(1, 2), g, (size, layer.d_in, layer.d_out)
+    else:
+        left, right, shape = g.transpose(1, 2), tokens, (size, layer.d_out, layer.d_in)
+    out = dest.view(shape)
+    if add:
+        out.baddbmm_(left, right)
+    else:
+        torch.bmm(left, right, out=out)
 
 
 class HookIncompatibleError(UnsupportedModuleError):

@@ -19,19 +19,20 @@ def compute_dtype(target, runtime: Runtime) -> torch.dtype:
 
 def iter_gradients(target, data, runtime: Runtime | None = None, *,
                    of: Differentiated = "loss", params: dict[str, torch.Tensor] | None = None,
-                   include_regularizer: bool | None = None, desc: str = "gradients"):
+                   include_regularizer: bool | None = None, reuse: bool = False,
+                   desc: str = "gradients"):
     """Yield ``(start, grads [B, p])`` in data-set order (see :func:`iter_values_and_gradients`).
     """
     for start, _, flat in iter_values_and_gradients(
             target, data, runtime, of=of, params=params,
-            include_regularizer=include_regularizer, desc=desc):
+            include_regularizer=include_regularizer, reuse=reuse, desc=desc):
         yield start, flat
 
 
 def iter_values_and_gradients(target, data, runtime: Runtime | None = None, *,
                               of: Differentiated = "loss",
                               params: dict[str, torch.Tensor] | None = None,
-                              include_regularizer: bool | None = None,
+                              include_regularizer: bool | None = None, reuse: bool = False,
                               desc: str = "gradients"):
     """Yield ``(start, values [B], grads [B, p])`` in data-set order.
 
@@ -39,7 +40,9 @@ def iter_values_and_gradients(target, data, runtime: Runtime | None = None, *,
     to every row, as the conventions table prescribes for a weighted-mean loss);
     ``of="measurement"``: query gradients ``g_q = ∇f(z_q)``; a function
     ``(outputs, targets) -> [B]``: its gradients. ``include_regularizer`` overrides whether ∇R is
-    added (default: only for ``"loss"``).
+    added (default: only for ``"loss"``). ``reuse=True``: every block is written into the same
+    buffer, overwritten by the next one — for consumers that use a block before advancing (it
+    saves a fresh ``[B, p]`` allocation per batch).
     Computed by the runtime's gradient engine (:class:`~influencekit.grads.GradientEngine`).
     Raises :class:`NonFiniteError` naming the first example whose value or gradient is not finite.
     """
@@ -52,13 +55,14 @@ def iter_values_and_gradients(target, data, runtime: Runtime | None = None, *,
         include_regularizer = of == "loss"
     reg_grad = regularizer_gradient(target, params) if include_regularizer else None
     what = "training data" if of == "loss" else "query data"
+    buffer = None
     for start, batch, _ in iter_batches(as_loader(data, runtime, what), runtime, dtype,
                                         desc=desc):
-        values, grads = engine(params, batch, of)
-        flat = target.space.flatten(grads, batch_dims=1)
+        values, flat = engine.flat(params, batch, of, out=buffer)
+        buffer = flat if reuse else None
         check_finite(values, flat, start, of if isinstance(of, str) else "value")
         if reg_grad is not None:
-            flat = flat + reg_grad
+            flat += reg_grad
         yield start, values, flat
 
 

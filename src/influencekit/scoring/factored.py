@@ -208,31 +208,84 @@ def build_queries(pre: dict[str, torch.Tensor], hooked: list[Layer], rest: list[
     own bias) is split into a weight part and a bias part, so per-module scores stay exact.
     ``rank``: keep the best rank-r approximation of each Kronecker layer's Q (SVD).
     """
+    terms = [t for layer in hooked for t in layer_terms(layer, pre, rank)]
+    terms += flat_terms(rest, pre)
+    return PreparedQueries(terms, list(hooked), list(rest), regularizer, rank, rest_engine)
+
+
+def layer_terms(layer: Layer, pre: dict[str, torch.Tensor], rank: int | None) -> list:
+    """The query terms of one hooked layer (see :func:`build_queries`)."""
     terms = []
-    for layer in hooked:
-        for part in _module_parts(layer):
-            module = module_of(part.weight or part.bias)
-            if part.kind in DIAGONAL_KINDS:
-                n = pre[part.weight or part.bias].shape[0]
-                terms.append(DiagonalQuery(
-                    part, module,
-                    pre[part.weight].reshape(n, -1) if part.weight else None,
-                    pre[part.bias].reshape(n, -1) if part.bias else None))
-                continue
-            q = layer_matrix(part, pre)
-            if rank is None:
-                terms.append(KroneckerQuery(part, module, full=q.contiguous()))
-            else:
-                left, right = low_rank(q, rank)
-                terms.append(KroneckerQuery(part, module, left=left, right=right))
+    for part in _module_parts(layer):
+        module = module_of(part.weight or part.bias)
+        if part.kind in DIAGONAL_KINDS:
+            n = pre[part.weight or part.bias].shape[0]
+            terms.append(DiagonalQuery(
+                part, module,
+                pre[part.weight].reshape(n, -1) if part.weight else None,
+                pre[part.bias].reshape(n, -1) if part.bias else None))
+            continue
+        q = layer_matrix(part, pre)
+        if rank is None:
+            terms.append(KroneckerQuery(part, module, full=q.contiguous()))
+        else:
+            left, right = low_rank(q, rank)
+            terms.append(KroneckerQuery(part, module, left=left, right=right))
+    return terms
+
+
+def flat_terms(rest: list[str], pre: dict[str, torch.Tensor]) -> list[FlatQuery]:
+    """One :class:`FlatQuery` per module of the parameters scored from flat gradients."""
     by_module: dict[str, list[str]] = {}
     for name in rest:
         by_module.setdefault(module_of(name), []).append(name)
+    terms = []
     for module, names in by_module.items():
         n = pre[names[0]].shape[0]
         flat = torch.cat([pre[name].reshape(n, -1) for name in names], dim=1)
         terms.append(FlatQuery(tuple(names), module, flat))
-    return PreparedQueries(terms, list(hooked), list(rest), regularizer, rank, rest_engine)
+    return terms
+
+
+def solve_into_terms(inverse, grads: dict[str, torch.Tensor], hooked: list[Layer],
+                     rest: list[str], rank: int | None, runtime: Runtime,
+                     reg: dict[str, torch.Tensor] | None) -> tuple[list, dict]:
+    """``(terms, regularizer parts)`` from query gradients ``{name: [n_q, *shape]}``, solved one
+    inverse block at a time; each layer's terms are built as soon as its parameters are solved
+    and the per-parameter solutions dropped once no layer needs them (``grads`` is emptied), so
+    the peak is about one copy of the queries. The terms come in ``hooked`` order, then the
+    flat ones."""
+    blocks = inverse.parameter_blocks_() or [tuple(grads)]
+    users: dict[str, int] = {}
+    for layer in hooked:
+        for name in (layer.weight, layer.bias):
+            if name:
+                users[name] = users.get(name, 0) + 1
+    for name in rest:
+        users[name] = users.get(name, 0) + 1
+    pre: dict[str, torch.Tensor] = {}
+    built: dict[int, list] = {}
+    parts: dict[str, torch.Tensor] = {}
+    for block in blocks:
+        solved = inverse.solve_per_parameter({n: grads.pop(n) for n in block}, runtime)
+        for name, value in solved.items():
+            if reg is not None:
+                term = value.reshape(value.shape[0], -1) @ reg[name].reshape(-1).to(value.dtype)
+                module = module_of(name)
+                parts[module] = term if module not in parts else parts[module] + term
+        pre.update(solved)
+        del solved
+        for i, layer in enumerate(hooked):
+            names = [n for n in (layer.weight, layer.bias) if n]
+            if i in built or not all(n in pre for n in names):
+                continue
+            built[i] = layer_terms(layer, pre, rank)
+            for name in names:
+                users[name] -= 1
+                if users[name] == 0:
+                    del pre[name]
+    terms = [t for i in range(len(hooked)) for t in built[i]] + flat_terms(rest, pre)
+    return terms, parts
 
 
 def low_rank(q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +322,6 @@ def prepare_queries(target: Target, inverse, query, runtime: Runtime, *, of="mea
     dtype = compute_dtype(target, runtime)
     params = target.params(dtype, runtime.device)
     engine = GradientEngine(target, runtime.engine)
-    shapes = dict(zip(target.space.names, target.space.shapes, strict=True))
     reg = regularizer_gradient(target, params) if include_regularizer else None
     reg = None if reg is None else target.space.unflatten(reg)
     what = "query data" if of == "measurement" else "data"
@@ -278,16 +330,10 @@ def prepare_queries(target: Target, inverse, query, runtime: Runtime, *, of="mea
                                         desc=desc):
         values, grads = engine(params, batch, of)
         check_finite_parts(values, grads, start, of if isinstance(of, str) else "value")
-        pre = inverse.solve_per_parameter(grads, runtime)
-        del grads
-        n = values.shape[0]
-        c: dict[str, torch.Tensor] = {}
-        for name, r in (reg or {}).items():
-            module = module_of(name)
-            term = pre[name].reshape(n, -1) @ r.reshape(-1).to(pre[name].dtype)
-            c[module] = term if module not in c else c[module] + term
-        parts.append(build_queries(pre, engine.layers, engine.rest, shapes, c, rank,
-                                   rest_engine_name(engine)))
+        terms, regularizer = solve_into_terms(inverse, grads, engine.layers, engine.rest, rank,
+                                              runtime, reg)
+        parts.append(PreparedQueries(terms, list(engine.layers), list(engine.rest),
+                                     regularizer, rank, rest_engine_name(engine)))
     if not parts:
         raise InfluenceKitError("the query data holds no example")
     return concat_queries(parts) if len(parts) > 1 else parts[0]

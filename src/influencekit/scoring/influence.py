@@ -120,10 +120,10 @@ class Influence:
                     "ik.Curvature(target, train), or pass Influence(..., "
                     "allow_other_model=True) to reuse it knowingly as an approximation.")
 
-    def _train_stream(self, train, runtime, desc):
+    def _train_stream(self, train, runtime, desc, reuse=False):
         """``(start, g_m [B, p])`` with or without ∇R (``include_regularizer``)."""
         yield from iter_gradients(self.target, train, runtime, of="loss", desc=desc,
-                                  include_regularizer=self.include_regularizer)
+                                  include_regularizer=self.include_regularizer, reuse=reuse)
 
     @property
     def n_train(self) -> float:
@@ -170,7 +170,7 @@ class Influence:
             return self.pairwise_prepared(self.prepare_queries(query, runtime), train, runtime)
         pre = self.precondition(query, runtime)
         blocks = [pre @ g.to(pre.dtype).T
-                  for _, g in self._train_stream(train, runtime, "scoring train")]
+                  for _, g in self._train_stream(train, runtime, "scoring train", reuse=True)]
         return torch.cat(blocks, dim=1)
 
     def pairwise_per_module(self, query, train, runtime: Runtime | None = None
@@ -191,7 +191,7 @@ class Influence:
         pre = self.precondition(query, runtime)
         groups = module_positions(self.target.space)
         blocks = {name: [] for name in groups}
-        for _, g in self._train_stream(train, runtime, "scoring train per module"):
+        for _, g in self._train_stream(train, runtime, "scoring train per module", reuse=True):
             g = g.to(pre.dtype)
             for name, idx in groups.items():
                 blocks[name].append(pre[:, idx] @ g[:, idx].T)
@@ -207,7 +207,7 @@ class Influence:
             return self_influence_factored(self.target, self.inverse, train, runtime,
                                            include_regularizer=self.include_regularizer)
         out = []
-        for _, g in self._train_stream(train, runtime, "self-influence"):
+        for _, g in self._train_stream(train, runtime, "self-influence", reuse=True):
             out.append((self.inverse.solve(g, runtime) * g).sum(dim=1))
         return torch.cat(out)
 

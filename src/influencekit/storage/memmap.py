@@ -196,6 +196,36 @@ class ResultsArray:
         values[~records.any(axis=1)] = 0
         return values
 
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``, verified against their checksums; every one must be done.
+
+        Reads only those rows (for stores too large to read at once). Raises
+        :class:`StoreError` naming a row that is not done or does not match its checksum.
+        """
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise StoreError(f"rows {start}:{stop} are outside the store {self.folder}, which "
+                             f"has {self.shape[0]} rows.")
+        self._check_file(CHECKSUMS)
+        self._check_file(VALUES)
+        with open(self._path(CHECKSUMS), "rb") as handle:
+            handle.seek(self._record_offset(start))
+            records = np.frombuffer(handle.read((stop - start) * RECORD_BYTES),
+                                    dtype=np.uint8).reshape(stop - start, RECORD_BYTES)
+        with open(self._path(VALUES), "rb") as handle:
+            handle.seek(self._value_offset(start))
+            values = np.frombuffer(handle.read((stop - start) * self.row_bytes),
+                                   dtype=self.dtype).reshape(stop - start, *self.shape[1:])
+        missing = np.flatnonzero(~records.any(axis=1))
+        if missing.size:
+            raise StoreError(f"row {start + int(missing[0])} of {self.folder} is not done "
+                             f"({missing.size} of rows {start}:{stop} are not); finish writing "
+                             "the store first (resume the run that fills it).")
+        bad = [start + i for i in range(stop - start)
+               if self._digest(start + i, values[i].tobytes()) != records[i].tobytes()]
+        if bad:
+            raise StoreError(self._corrupt_message(bad))
+        return values.copy()
+
     # -- internals ----------------------------------------------------------------------------
     def _check_row(self, row) -> int:
         if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)):
