@@ -131,7 +131,9 @@ def prepare_tiny_gpt(args, folder: Path) -> dict:
                            n_head=2, steps=args.gpt_steps, batch_size=32, lr=3e-3, seed=0)
     spec = {"task": "tiny_gpt", "kind": "causal_lm", "modules": tiny_gpt_modules(args.gpt_layers),
             "model_kwargs": {"n_embd": args.gpt_embd, "n_layer": args.gpt_layers,
-                             "length": args.gpt_length}}
+                             "length": args.gpt_length},
+            "texts": {"train": ["".join(t) for t in data.display["train_tokens"]],
+                      "query": ["".join(t) for t in data.display["query_tokens"]]}}
     return _save(folder, "tiny_gpt", spec, model, data.train.tensors, data.query.tensors)
 
 
@@ -152,7 +154,9 @@ def prepare_smollm2(args, folder: Path) -> dict:
     mask = torch.ones_like(ids)
     train = {"input_ids": ids[:args.smol_train], "attention_mask": mask[:args.smol_train]}
     query = {"input_ids": ids[args.smol_train:], "attention_mask": mask[args.smol_train:]}
-    spec = {"task": "smollm2", "kind": "causal_lm", "modules": smollm2_modules(args.smol_layers)}
+    spec = {"task": "smollm2", "kind": "causal_lm", "modules": smollm2_modules(args.smol_layers),
+            "texts": {"train": tokenizer.batch_decode(train["input_ids"]),
+                      "query": tokenizer.batch_decode(query["input_ids"])}}
     return _save(folder, "smollm2", spec, None, train, query)
 
 
@@ -175,7 +179,8 @@ def prepare_minilm(args, folder: Path) -> dict:
                                lr=5e-5, runtime=ik.Runtime(progress=False),
                                desc="fine-tuning MiniLM")
     ik.response.write_params(target, result.params)
-    spec = {"task": "minilm", "kind": "sequence_classification", "modules": minilm_modules()}
+    spec = {"task": "minilm", "kind": "sequence_classification", "modules": minilm_modules(),
+            "texts": {"train": texts[:n], "query": texts[n:]}}
     return _save(folder, "minilm", spec, model, train, query)
 
 
@@ -240,23 +245,12 @@ def run_ours(job: dict) -> dict:
     out = {"fit_s": t1 - t0, "score_s": t2 - t1, "peak_mb": meter.stop(),
            "p": target.num_params, "scores": scores.double().cpu().numpy()}
     if job.get("throughput"):
-        out.update(plain_pass_rate(target, train_set, runtime, out["score_s"]))
+        from _lm_speed import measure_factored_speed
+        speed = measure_factored_speed(target, train_set, query_set, inverse,
+                                       batch_size=runtime.batch_size, repeats=1)
+        out.update({k: speed[k] for k in ("plain_examples_per_s", "factored_examples_per_s")})
+        out["factored_over_plain"] = speed["ratio"]
     return out
-
-
-def plain_pass_rate(target, train_set, runtime, score_s: float) -> dict:
-    """Examples/s of one plain batched forward + backward of the summed training loss over the
-    same batches and parameters (no per-example work), beside our scoring's rate."""
-    params = {k: v.detach().requires_grad_(True) for k, v in target.params().items()}
-    n = len(train_set)
-    t0 = time.perf_counter()
-    for start in range(0, n, runtime.batch_size):
-        batch = ik.grads.collate(train_set, list(range(start, min(n, start + runtime.batch_size))))
-        loss = target.losses(params, batch).sum()
-        torch.autograd.grad(loss, list(params.values()))
-    plain = time.perf_counter() - t0
-    return {"plain_examples_per_s": n / plain, "score_examples_per_s": n / score_s,
-            "plain_over_score": score_s / plain}
 
 
 def run_kronfluence(job: dict) -> dict:
@@ -303,7 +297,75 @@ def run_analysis(job: dict) -> dict:
             out["rows"].append({"section": "query_batching", "method": f"EKFAC_rank{r}",
                                 "rank": r, "pearson_vs_full_rank": correlation[r],
                                 "score_s": time.perf_counter() - t0})
+    if job.get("dims") or job.get("ms"):
+        t0 = time.perf_counter()
+        full = ik.Influence(target, inverse, include_regularizer=False).pairwise(
+            query_set, train_set, runtime)
+        full_s = time.perf_counter() - t0
+    if job.get("dims"):
+        out["rows"] += projection_rows(target, train_set, query_set, full, full_s, job, runtime)
+    if job.get("ms"):
+        out["rows"] += tfidf_rows(target, inverse, train_set, query_set, full, full_s, job,
+                                  runtime)
     return out
+
+
+def projection_rows(target, train_set, query_set, full, full_s, job, runtime) -> list[dict]:
+    """Per dimension k (per side of every layer): EK-FAC fitted in the projected space, the
+    training gradients written once to a gradient store, queries scored against the store;
+    Pearson with the unprojected EK-FAC scores."""
+    from influencekit.grads import LayerProjection
+    from influencekit.scoring import (
+        ProjectedCurvature,
+        ProjectedEKFAC,
+        ProjectedInfluence,
+        build_gradient_store,
+    )
+
+    rows = [{"section": "projection", "method": "EKFAC_unprojected", "dim": None,
+             "pearson_vs_unprojected": 1.0, "score_s": full_s}]
+    for k in job["dims"]:
+        projection = LayerProjection(dim=k, kind="gaussian", seed=0)
+        with tempfile.TemporaryDirectory() as folder:
+            t0 = time.perf_counter()
+            inverse = ProjectedEKFAC(damping=job["damping"], seed=0).fit(
+                ProjectedCurvature(ik.Curvature(target, train_set), projection), runtime)
+            t1 = time.perf_counter()
+            store = build_gradient_store(Path(folder) / "grads", target, train_set, projection,
+                                         runtime, include_regularizer=False, dtype="float32")
+            t2 = time.perf_counter()
+            scorer = ProjectedInfluence(target, projection, inverse, include_regularizer=False)
+            scores = scorer.pairwise(query_set, store)
+            t3 = time.perf_counter()
+            store_mb = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+        rows.append({"section": "projection", "method": f"ProjectedEKFAC_k{k}", "dim": k,
+                     "pearson_vs_unprojected": pearson(scores.double().cpu().numpy(),
+                                                       full.double().cpu().numpy()),
+                     "fit_s": t1 - t0, "store_s": t2 - t1, "score_s": t3 - t2,
+                     "store_mb": store_mb / 2**20, "width": store.width})
+    return rows
+
+
+def tfidf_rows(target, inverse, train_set, query_set, full, full_s, job, runtime) -> list[dict]:
+    """TF-IDF candidates per query (M most similar training texts), exact scores of their
+    union, and the recall of the unfiltered top-k among them; random candidates recall M/n."""
+    from influencekit.scoring import candidate_recall, candidate_scores, tfidf_candidates
+
+    texts, k, n = job["task"]["texts"], job["k"], len(train_set)
+    ms = [m for m in job["ms"] if m <= n]
+    candidates = tfidf_candidates(texts["query"], texts["train"], m=max(ms))
+    recall = candidate_recall(full, candidates, k=k, ms=ms, by="helpful")
+    scorer = ik.Influence(target, inverse, include_regularizer=False)
+    rows = [{"section": "tfidf", "method": "unfiltered", "m": n, "k": k, "recall": 1.0,
+             "score_s": full_s}]
+    for m in ms:
+        t0 = time.perf_counter()
+        candidate_scores(scorer, query_set, train_set, candidates[:, :m], runtime)
+        rows.append({"section": "tfidf", "method": f"tfidf_M{m}", "m": m, "k": k,
+                     "recall": recall[m], "random_recall": m / n,
+                     "union": int(torch.unique(candidates[:, :m]).numel()),
+                     "score_s": time.perf_counter() - t0})
+    return rows
 
 
 def worker(job_path: str) -> None:
@@ -428,7 +490,10 @@ def cost_section(spec: dict, args, folder: Path, log, throughput: bool) -> list[
 
 def analysis_section(spec: dict, args, folder: Path, log, sections: list[str]) -> list[dict]:
     dtype = "float64" if spec["task"] == "tiny_gpt" else "float32"
-    extra = {"ranks": [int(r) for r in args.ranks.split(",")] if "batching" in sections else []}
+    extra = {"ranks": [int(r) for r in args.ranks.split(",")] if "batching" in sections else [],
+             "dims": [int(d) for d in args.dims.split(",")] if "projection" in sections else [],
+             "ms": [int(m) for m in args.ms.split(",")] if "tfidf" in sections else [],
+             "k": args.k}
     log(f"analysis: {spec['task']} ({', '.join(s for s in sections if s != 'cost')}) ...")
     result = run_method(spec, {"name": "analysis"}, args, folder, dtype, **extra)
     if "error" in result:
@@ -445,7 +510,7 @@ def analysis_section(spec: dict, args, folder: Path, log, sections: list[str]) -
 
 
 KEYS = ("fit_s", "score_s", "peak_mb", "process_mb", "p", "plain_examples_per_s",
-        "score_examples_per_s", "plain_over_score", "error", "wall_s")
+        "factored_examples_per_s", "factored_over_plain", "error", "wall_s")
 
 
 def _row(spec: dict, section: str, name: str, result: dict) -> dict:
@@ -483,8 +548,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
     p.add_argument("--tasks", default="tiny_gpt,minilm,smollm2")
-    p.add_argument("--sections", default="quality,cost,throughput,batching")
+    p.add_argument("--sections", default="quality,cost,throughput,batching,projection,tfidf")
     p.add_argument("--ranks", default="1,2,4,8,16", help="query-batching ranks")
+    p.add_argument("--dims", default="4,8,16,32", help="projection dimensions (per side)")
+    p.add_argument("--ms", default="10,25,50,100,200", help="TF-IDF candidates per query")
+    p.add_argument("--k", type=int, default=10, help="top-k for the TF-IDF recall")
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
@@ -543,7 +611,7 @@ def main(argv=None) -> list[dict]:
                 rows += quality_section(spec, args, folder, log)
             if "cost" in sections or "throughput" in sections:
                 rows += cost_section(spec, args, folder, log, "throughput" in sections)
-            if {"batching"} & set(sections):
+            if {"batching", "projection", "tfidf"} & set(sections):
                 rows += analysis_section(spec, args, folder, log, sections)
     log(f"load at end: {os.getloadavg()[0]:.2f}")
     if args.json:
@@ -555,8 +623,9 @@ def main(argv=None) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     columns = ("task", "section", "method", "pearson_vs_exact", "pearson_vs_pbrf",
-               "pearson_ours_vs_kronfluence", "pearson_vs_full_rank", "fit_s", "score_s",
-               "peak_mb", "process_mb", "plain_over_score", "fit_ratio", "score_ratio",
+               "pearson_ours_vs_kronfluence", "pearson_vs_full_rank", "pearson_vs_unprojected",
+               "recall", "random_recall", "fit_s", "score_s",
+               "peak_mb", "process_mb", "factored_over_plain", "fit_ratio", "score_ratio",
                "peak_ratio", "process_ratio")
     print(" | ".join(columns))
     for row in rows:
