@@ -15,7 +15,8 @@ from ..cli.rundata import RunData
 from ..data import load_minilm_classifier, load_tweet_sentiment
 from ..data.tweets import LABELS
 from ..grads import DictDataset
-from ..response import batch_schedule, train, write_params
+from ..response import batch_schedule, write_params
+from ..response import train as train_loop
 from ..runtime import Runtime
 from ..task import SequenceClassificationTask, Target
 
@@ -45,7 +46,7 @@ def model(train, steps: int = 60, batch_size: int = 16, lr: float = 5e-5, seed: 
     net, _ = load_minilm_classifier(num_labels=len(LABELS), seed=seed)
     target = Target(net, SequenceClassificationTask())
     schedule = batch_schedule(len(train), batch_size=batch_size, seed=seed, steps=steps)
-    result = train(target, train, schedule, optimizer="adam", lr=lr,
+    result = train_loop(target, train, schedule, optimizer="adam", lr=lr,
                    runtime=Runtime(progress=False), desc="fine-tuning MiniLM")
     write_params(target, result.params)
     return net

@@ -63,14 +63,17 @@ def data(n_train: int = 1000, n_query: int = 8, length: int = 64, seed: int = 0)
 
 
 def gpt(vocab_size: int, length: int, n_embd: int = 32, n_layer: int = 2, n_head: int = 2,
-        seed: int = 0) -> nn.Module:
-    """An untrained GPT-2 language model (tied embeddings, Conv1D layers, no dropout)."""
+        seed: int = 0, attn: str | None = None) -> nn.Module:
+    """An untrained GPT-2 language model (tied embeddings, Conv1D layers, no dropout);
+    ``attn``: transformers' attention implementation (``"eager"``, ``"sdpa"``; None: its
+    default). Every implementation computes the same function."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_positions=length, n_embd=n_embd,
                         n_layer=n_layer, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                        **({} if attn is None else {"attn_implementation": attn}))
     return GPT2LMHeadModel(config).eval()
 
 
