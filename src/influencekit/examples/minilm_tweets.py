@@ -28,8 +28,7 @@ def data(n_train: int = 500, n_query: int = 6, max_length: int = 32, seed: int =
                     return_tensors="pt")
     tensors = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                "token_type_ids": enc["token_type_ids"], "labels": labels}
-    tokens = [[t for t, m in zip(tokenizer.convert_ids_to_tokens(ids.tolist()), mask.tolist(),
-                                 strict=True) if m]
+    tokens = [readable(tokenizer.convert_ids_to_tokens(ids[mask.bool()].tolist()))
               for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
     return RunData(
         train=DictDataset({k: v[:n_train] for k, v in tensors.items()}),
@@ -39,6 +38,12 @@ def data(n_train: int = 500, n_query: int = 6, max_length: int = 32, seed: int =
         display={"kind": "text", "train_tokens": tokens[:n_train],
                  "query_tokens": tokens[n_train:]},
         classes=list(LABELS))
+
+
+def readable(tokens: list[str]) -> list[str]:
+    """WordPiece tokens as they read: a word's first piece after a space, ``##`` pieces glued."""
+    return [t[2:] if t.startswith("##") else (t if i == 0 else " " + t)
+            for i, t in enumerate(tokens)]
 
 
 def model(train, steps: int = 60, batch_size: int = 16, lr: float = 5e-5, seed: int = 0):
