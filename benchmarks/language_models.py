@@ -283,7 +283,7 @@ def run_analysis(job: dict) -> dict:
     train_set, query_set = ik.grads.DictDataset(train), ik.grads.DictDataset(query)
     inverse = ik.EKFAC(damping=job["damping"], seed=0).fit(ik.Curvature(target, train_set),
                                                            runtime)
-    out = {"rows": []}
+    out = {"rows": []}  # correlations of the sections below: the same process, one fit
     if job.get("ranks"):
         scorer = ik.Influence(target, inverse, include_regularizer=False)
         t0 = time.perf_counter()
@@ -371,12 +371,63 @@ def tfidf_rows(target, inverse, train_set, query_set, full, full_s, job, runtime
     return rows
 
 
+def run_scale(job: dict) -> dict:
+    """Our large-run path, stage by stage (no reference): EK-FAC fit; scoring with query
+    batching at rank ``scale_rank``; a projected gradient store (``scale_dim`` per side, EK-FAC
+    in the projected space) built once and scored. Wall time and peak memory of each stage."""
+    from influencekit.grads import LayerProjection
+    from influencekit.scoring import (
+        ProjectedCurvature,
+        ProjectedEKFAC,
+        ProjectedInfluence,
+        build_gradient_store,
+    )
+
+    spec = job["task"]
+    model, train, query = load_task(spec, torch.float32)
+    target = make_target(spec, model)
+    runtime = ik.Runtime(batch_size=job["batch_size"], progress=False)
+    train_set, query_set = ik.grads.DictDataset(train), ik.grads.DictDataset(query)
+    rows, meter = [], PeakMemory()
+
+    def stage(name, fn, **facts):
+        meter.start()
+        t0 = time.perf_counter()
+        value = fn()
+        rows.append({"section": "scale", "method": name, "wall_s": time.perf_counter() - t0,
+                     "peak_mb": meter.stop(), **facts})
+        return value
+
+    inverse = stage("EKFAC fit", lambda: ik.EKFAC(damping=job["damping"], seed=0).fit(
+        ik.Curvature(target, train_set), runtime))
+    rank = job["scale_rank"]
+    stage(f"EKFAC score, query rank {rank}", lambda: ik.Influence(
+        target, inverse, include_regularizer=False, query_rank=rank).pairwise(
+        query_set, train_set, runtime), rank=rank)
+    projection = LayerProjection(dim=job["scale_dim"], kind="gaussian", seed=0)
+    with tempfile.TemporaryDirectory() as folder:
+        projected = stage("ProjectedEKFAC fit", lambda: ProjectedEKFAC(
+            damping=job["damping"], seed=0).fit(
+            ProjectedCurvature(ik.Curvature(target, train_set), projection), runtime),
+            dim=job["scale_dim"])
+        store = stage("gradient store build", lambda: build_gradient_store(
+            Path(folder) / "grads", target, train_set, projection, runtime,
+            include_regularizer=False, dtype="float32"), dim=job["scale_dim"])
+        stage("score from the store", lambda: ProjectedInfluence(
+            target, projection, projected, include_regularizer=False).pairwise(
+            query_set, store), dim=job["scale_dim"])
+        rows[-2]["store_mb"] = sum(f.stat().st_size for f in Path(folder).rglob("*")
+                                   if f.is_file()) / 2**20
+    return {"rows": rows}
+
+
 def worker(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job["threads"])
     name = job["method"]["name"]
     result = (run_kronfluence(job) if name.startswith("kronfluence")
-              else run_analysis(job) if name == "analysis" else run_ours(job))
+              else run_analysis(job) if name == "analysis"
+              else run_scale(job) if name == "scale" else run_ours(job))
     result["process_mb"] = process_peak_mb()
     out = Path(job["out"])
     if "scores" in result:
@@ -514,6 +565,23 @@ def analysis_section(spec: dict, args, folder: Path, log, sections: list[str]) -
     return rows
 
 
+def scale_section(spec: dict, args, folder: Path, log) -> list[dict]:
+    log(f"scale: {spec['task']} (fit, rank-{args.scale_rank} scoring, projected store "
+        f"k={args.scale_dim}) ...")
+    result = run_method(spec, {"name": "scale"}, args, folder, "float32",
+                        scale_rank=args.scale_rank, scale_dim=args.scale_dim)
+    if "error" in result:
+        log(f"  ERROR {result['error']}")
+        return [_row(spec, "scale", "scale", result)]
+    rows = []
+    for row in result["rows"]:
+        full = _row(spec, row.pop("section"), row.pop("method"), {})
+        full.update(row, process_mb=result["process_mb"])
+        rows.append(full)
+        log(f"  {full['method']}: {row['wall_s']:.1f} s, peak {row['peak_mb']:.0f} MB")
+    return rows
+
+
 KEYS = ("fit_s", "score_s", "peak_mb", "process_mb", "p", "plain_examples_per_s",
         "factored_examples_per_s", "factored_over_plain", "error", "wall_s")
 
@@ -558,6 +626,9 @@ def parse_args(argv=None):
     p.add_argument("--dims", default="4,8,16,32", help="projection dimensions (per side)")
     p.add_argument("--ms", default="10,25,50,100,200", help="TF-IDF candidates per query")
     p.add_argument("--k", type=int, default=10, help="top-k for the TF-IDF recall")
+    p.add_argument("--scale-rank", type=int, default=8, help="query rank of the scale section")
+    p.add_argument("--scale-dim", type=int, default=64,
+                   help="projection dimension per side in the scale section")
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
@@ -621,6 +692,8 @@ def main(argv=None) -> list[dict]:
                 rows += cost_section(spec, args, folder, log, "throughput" in sections)
             if {"batching", "projection", "tfidf"} & set(sections):
                 rows += analysis_section(spec, args, folder, log, sections)
+            if "scale" in sections:
+                rows += scale_section(spec, args, folder, log)
     log(f"load at end: {os.getloadavg()[0]:.2f}")
     if args.json:
         print(json.dumps(rows, indent=1))
