@@ -149,7 +149,7 @@ def kjv_token_chunks(tokenizer, n: int, length: int, seed: int = 0) -> torch.Ten
 
 
 def prepare_smollm2(args, folder: Path) -> dict:
-    _, tokenizer = ik.data.load_smollm2()
+    tokenizer = ik.data.smollm2_tokenizer()
     ids = kjv_token_chunks(tokenizer, args.smol_train + args.smol_query, args.smol_length)
     mask = torch.ones_like(ids)
     train = {"input_ids": ids[:args.smol_train], "attention_mask": mask[:args.smol_train]}
@@ -446,6 +446,7 @@ def run_method(spec: dict, method: dict, args, folder: Path, dtype: str,
     job_path = folder / f"{safe}.job.json"
     job_path.write_text(json.dumps(job))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               TQDM_DISABLE="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "src"),
                                            os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()

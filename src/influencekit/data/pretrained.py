@@ -55,6 +55,17 @@ def smollm2_available() -> bool:
     return True
 
 
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer alone (read from the GGUF file; the weights are not loaded)."""
+    folder = smollm2_folder()
+    for module in ("transformers", "gguf"):
+        _require(module, SMOLLM2_INSTALL, "SmolLM2's tokenizer")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
+
+
 def load_smollm2():
     """``(model, tokenizer)``: SmolLM2-135M-Instruct as a float32 ``LlamaForCausalLM`` in eval
     mode, de-quantized from the package's GGUF file."""
@@ -62,12 +73,12 @@ def load_smollm2():
     for module in ("transformers", "gguf", "accelerate"):
         _require(module, SMOLLM2_INSTALL, "loading SmolLM2 from its GGUF file")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
+    tokenizer = smollm2_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
     return model.eval(), tokenizer
 

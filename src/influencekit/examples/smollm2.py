@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..cli.rundata import RunData
-from ..data import kjv_verses, load_smollm2
+from ..data import kjv_verses, load_smollm2, smollm2_tokenizer
 from ..grads import DictDataset
 
 
@@ -33,7 +33,7 @@ def token_chunks(tokenizer, n: int, length: int, seed: int = 0,
 
 def data(n_train: int = 1000, n_query: int = 5, length: int = 32, seed: int = 0) -> RunData:
     """Training and query chunks as ``{"input_ids", "attention_mask"}`` data sets."""
-    _, tokenizer = load_smollm2()
+    tokenizer = smollm2_tokenizer()
     ids = token_chunks(tokenizer, n_train + n_query, length, seed)
     sets = {"train": ids[:n_train], "query": ids[n_train:]}
     tokens = {k: [tokenizer.convert_ids_to_tokens(row.tolist()) for row in v]
