@@ -653,12 +653,17 @@ def parse_args(argv=None):
     p.add_argument("--smol-query", type=int, default=10)
     p.add_argument("--smol-length", type=int, default=32)
     p.add_argument("--smol-layers", type=int, default=4)
+    p.add_argument("--markdown", metavar="JSON", help="print the rows of a --json run as "
+                   "markdown tables (for RESULTS.md) and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown_tables(json.loads(Path(args.markdown).read_text())))
+        return []
     if args.worker:
         worker(args.worker)
         return []
@@ -701,6 +706,41 @@ def main(argv=None) -> list[dict]:
     else:
         print_table(rows)
     return rows
+
+
+SECTION_COLUMNS = {
+    "quality": ("method", "pearson_vs_exact", "spearman_vs_exact", "pearson_vs_pbrf", "fit_s",
+                "score_s"),
+    "cost": ("method", "p", "fit_s", "score_s", "peak_mb", "process_mb",
+             "pearson_ours_vs_kronfluence", "factored_over_plain", "fit_ratio", "score_ratio",
+             "peak_ratio", "process_ratio"),
+    "query_batching": ("method", "rank", "pearson_vs_full_rank", "score_s"),
+    "projection": ("method", "dim", "pearson_vs_unprojected", "fit_s", "store_s", "score_s",
+                   "store_mb"),
+    "tfidf": ("method", "m", "k", "recall", "random_recall", "union", "score_s"),
+    "scale": ("method", "wall_s", "peak_mb", "process_mb", "store_mb"),
+}
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    """One markdown table per (task, section) of the rows, in their order."""
+    out, groups = [], {}
+    for row in rows:
+        groups.setdefault((row["task"], row.get("section", "")), []).append(row)
+    for (task, section), group in groups.items():
+        columns = SECTION_COLUMNS.get(section, ("method", "error"))
+        n = group[0].get("n_train"), group[0].get("n_query")
+        out.append(f"\n{task}, {section} ({n[0]} train, {n[1]} queries):\n")
+        out.append("| " + " | ".join(columns) + " |")
+        out.append("|" + "---|" * len(columns))
+        for row in group:
+            cells = []
+            for key in columns:
+                value = row.get(key)
+                cells.append("" if value is None else f"{value:.4g}" if isinstance(value, float)
+                             else str(value))
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def print_table(rows: list[dict]) -> None:
