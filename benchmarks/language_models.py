@@ -597,8 +597,13 @@ def _row(spec: dict, section: str, name: str, result: dict) -> dict:
 def _brief(result: dict) -> str:
     if "error" in result:
         return f"ERROR {result['error']}"
-    return (f"fit {result['fit_s']:.1f} s, score {result['score_s']:.1f} s, peak "
+    text = (f"fit {result['fit_s']:.1f} s, score {result['score_s']:.1f} s, peak "
             f"{result['peak_mb']:.0f} MB, process {result['process_mb']:.0f} MB")
+    if "factored_over_plain" in result:
+        text += (f", factored scoring {result['factored_examples_per_s']:.1f} ex/s vs plain "
+                 f"forward+backward {result['plain_examples_per_s']:.1f} ex/s "
+                 f"(time ratio {result['factored_over_plain']:.2f})")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
