@@ -19,9 +19,10 @@ import torch
 
 from .. import conventions
 from ..distributed import Partition
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, InfluenceKitError, StoreError
 from ..report.store import EVALUATION, EXAMPLES, INVERSE, PARTITIONS, SCORES, RunStore
 from ..runtime import stage
+from ..scoring import Influence
 from ..storage import ScoreStore, load_inverse, merge_score_stores, save_inverse
 from .build import Run, build_run, compute_scores, compute_self_influence, fit_inverse, take_rows
 from .config import fit_part
@@ -118,6 +119,14 @@ def score_run(config: dict, store: RunStore, progress: bool | None = None,
     kept = "full matrix" if "scores" in tensors else f"top {config['score']['top_k']}"
     out.add("score", f"{tuple(out.scores.shape)} scores ({kept}) -> {store.path / SCORES}")
     example_tensors, example_manifest = examples_of(out.run, tensors)
+    if wants_token_scores(out.run, out.inverse):
+        with stage("token scores", out.timings):
+            tokens, token_manifest = token_score_tensors(out.run, out.inverse, tensors,
+                                                         config["report"]["top"])
+        tensors.update(tokens)
+        manifest.update(token_manifest)
+        store.write(SCORES, tensors, manifest)
+        out.add("token scores", f"{len(tokens['token_pairs'])} (query, train) pairs")
     store.write(EXAMPLES, example_tensors, example_manifest)
     out.facts["scores_sha256"] = _sha(out.scores)
     return out.finish()
@@ -280,6 +289,65 @@ def score_tensors(run: Run, scores: torch.Tensor, config: dict, inverse) -> tupl
                 "meaning": meaning_text(config, n),
                 "query_ids": run.query_ids, "train_ids": run.train_ids}
     return tensors, manifest
+
+
+def wants_token_scores(run: Run, inverse) -> bool:
+    """Token heat maps for text data scored through an inverse with per-module blocks
+    (KFAC, EKFAC, block_diagonal, ...: the factored path)."""
+    return (run.data.display.get("kind") == "text" and inverse is not None
+            and inverse.parameter_blocks_() is not None)
+
+
+def token_score_tensors(run: Run, inverse, score_tensors: dict, top: int) -> tuple[dict, dict]:
+    """The ``scores/`` token tensors for the ``top`` most helpful and harmful training
+    sequences of each query (docs/store.md): ``token_pairs [P, 2]``, ``train_token_scores
+    [P, T]`` (the part of s flowing through each training token; NaN past the sequence),
+    ``train_token_rest [P]`` (the part tied to no token: layers on a pooled vector, ∇R; a row
+    plus its rest is the pair's score) and, when the task splits its measurement over tokens
+    (a causal LM), ``query_token_scores [n_query, T_q]``: for each query, the score of its most
+    helpful training sequence split over the query's tokens (the loss of predicting each)."""
+    top = min(top, score_tensors["helpful_index"].shape[1])
+    chosen = torch.cat([score_tensors["helpful_index"][:, :top],
+                        score_tensors["harmful_index"][:, :top]], dim=1)
+    rows = torch.unique(chosen).tolist()
+    column = {m: j for j, m in enumerate(rows)}
+    subset = take_rows(run.train, rows)
+    scorer = Influence(run.target, inverse)
+    per_train = scorer.pairwise_per_train_token(run.query, subset, run.runtime)
+    display = run.data.display
+    pairs, values, rest = [], [], []
+    for q in range(chosen.shape[0]):
+        for m in dict.fromkeys(chosen[q].tolist()):
+            length = len(display["train_tokens"][m])
+            pairs.append((q, m))
+            values.append(per_train.tokens[q, column[m], :length].double().cpu())
+            rest.append(float(per_train.rest[q, column[m]]))
+    tensors = {"token_pairs": torch.tensor(pairs, dtype=torch.long),
+               "train_token_scores": _nan_padded(values),
+               "train_token_rest": torch.tensor(rest, dtype=torch.float64)}
+    manifest = {}
+    try:
+        per_query = scorer.pairwise_per_query_token(run.query, subset, run.runtime)
+    except InfluenceKitError as exc:  # the task does not split its measurement over tokens
+        log.info("no per-query-token scores: %s", exc)
+        return tensors, manifest
+    best = score_tensors["helpful_index"][:, 0].tolist()
+    tensors["query_token_scores"] = _nan_padded([
+        per_query[q, column[m], :len(display["query_tokens"][p])].double().cpu()
+        for q, (m, p) in enumerate(zip(best, run.query_positions, strict=True))])
+    manifest["query_token_scores_meaning"] = (
+        "the score of the query's most helpful training sequence split over the query's "
+        "tokens: token τ's term is the part due to the loss of predicting token τ (s > 0: "
+        "that training sequence made token τ more likely)")
+    return tensors, manifest
+
+
+def _nan_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), float("nan"), dtype=torch.float64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 def measurement_text(config: dict) -> str:

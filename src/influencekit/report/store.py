@@ -58,7 +58,9 @@ SCORE_TENSORS = {
     "self_influence": "[n_train] g_mᵀ(C + λI)⁻¹g_m (when score.self_influence)",
     "token_pairs": "[P, 2] (query, train) positions that have per-token scores (text data)",
     "train_token_scores": "[P, T] per-token terms of s for pair P's training example; NaN pads; "
-                          "a row sums to the pair's score",
+                          "a row plus train_token_rest sums to the pair's score",
+    "train_token_rest": "[P] the part of pair P's score tied to no training token (layers on a "
+                        "pooled vector, flat parameters, ∇R); 0 for a causal LM's blocks",
     "query_token_scores": "[n_query, T_q] per-token terms for each query's own tokens; NaN "
                           "pads; the manifest's query_token_scores_meaning says of which score",
 }
