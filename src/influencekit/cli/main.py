@@ -410,7 +410,8 @@ EPILOG = """examples:
   influencekit report runs/digits                     # runs/digits/report/index.html
   influencekit replay runs/digits                     # same scores again?
 
-configs: docs/cli.md lists every key; shipped examples: digits, breast_cancer."""
+configs: docs/cli.md lists every key; shipped examples: digits, breast_cancer, and
+(after `make data-lm`) tiny_gpt (a character GPT on the KJV Bible), smollm2, minilm_tweets."""
 
 
 def build_parser() -> argparse.ArgumentParser:
