@@ -211,24 +211,50 @@ def test_auto_uses_vmap_for_unsupported_layers():
                                rtol=1e-10, atol=1e-12)
 
 
-def test_input_shared_by_the_batch_falls_back_in_auto():
-    """Position ids of shape [1, T] (as Hugging Face models build them): hooks would see the
-    gradient summed over the batch."""
+class SharedPositions(TinyLM):
+    """Position ids of shape [1, T] (as Hugging Face models build them), broadcast over the
+    batch: hooks alone would see the position embedding's gradient summed over the batch."""
 
-    class Broadcast(TinyLM):
-        def forward(self, ids):
-            h = self.emb(ids) + self.pos(torch.arange(ids.shape[1])[None])
-            return self.head(self.rms(torch.tanh(self.mix(self.ln(h)))))[:, -1]
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1])[None])
+        return self.head(self.rms(torch.tanh(self.mix(self.ln(h)))))[:, -1]
 
+
+class MixedPositions(TinyLM):
+    """The shared position output is summed over its first dimension before use: expanding it
+    per example would change the outputs, so hooks must give it up."""
+
+    def forward(self, ids):
+        pos = self.pos(torch.arange(ids.shape[1])[None]).sum(dim=0)
+        return self.head(self.rms(torch.tanh(self.mix(self.ln(self.emb(ids) + pos)))))[:, -1]
+
+
+@pytest.mark.parametrize("engine_name", ["hooks", "auto"])
+def test_input_shared_by_the_batch_is_expanded_per_example(engine_name):
     torch.manual_seed(1)
-    model = Broadcast().to(F64)
+    model = SharedPositions().to(F64)
+    x, y = torch.randint(0, 7, (6, 4)), torch.randint(0, 7, (6,))
+    target = ik.Target(model, ik.ClassificationTask())
+    before = model(x)
+    engine = GradientEngine(target, engine_name)
+    _, grads = engine(target.params(), (x, y), "loss")
+    assert engine.rest == [] and engine.expanded == {"pos"}
+    _, by_loop = per_example_gradients_loop(target.losses, target.params(), (x, y))
+    torch.testing.assert_close(target.space.flatten(grads, 1), target.space.flatten(by_loop, 1),
+                               rtol=1e-8, atol=1e-10)
+    assert torch.equal(model(x), before)  # the model itself is untouched
+
+
+def test_input_shared_and_mixed_across_the_batch_falls_back_in_auto():
+    torch.manual_seed(1)
+    model = MixedPositions().to(F64)
     x, y = torch.randint(0, 7, (6, 4)), torch.randint(0, 7, (6,))
     target = ik.Target(model, ik.ClassificationTask())
     with pytest.raises(UnsupportedModuleError, match="'pos'.*first dimension 1"):
         _engine_grads(target, (x, y), "hooks", "loss")
     engine = GradientEngine(target, "auto")
     _, grads = engine(target.params(), (x, y), "loss")
-    assert engine.rest == ["pos.weight"]
+    assert engine.rest == ["pos.weight"] and engine.expanded == set()
     _, by_loop = per_example_gradients_loop(target.losses, target.params(), (x, y))
     torch.testing.assert_close(target.space.flatten(grads, 1), target.space.flatten(by_loop, 1),
                                rtol=1e-8, atol=1e-10)

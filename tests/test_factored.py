@@ -84,8 +84,8 @@ def test_bert_factored_scores_equal_flat():
 
 def test_gpt2_all_parameters_embeddings_tied_norms_and_flat_rest():
     """Every GPT-2 parameter: token and position embeddings (the output layer tied to the token
-    embedding; position ids shared by the batch, so that table is scored from flat gradients),
-    LayerNorms, Conv1D — per-layer exact blocks and a diagonal inverse."""
+    embedding; position ids shared by the batch, so that table's output is expanded per
+    example), LayerNorms, Conv1D — per-layer exact blocks and a diagonal inverse."""
     model = tiny_gpt2(attn="eager")
     target = ik.Target(model, ik.CausalLMTask(), regularizer=ik.L2Regularizer(1e-2))
     train, query = lm_data(6, seed=3), lm_data(2, seed=4)
@@ -94,8 +94,8 @@ def test_gpt2_all_parameters_embeddings_tied_norms_and_flat_rest():
     scorer = ik.Influence(target, inverse)
     prepared = scorer.prepare_queries(query)
     kinds = {type(t).__name__ for t in prepared.terms}
-    assert kinds == {"KroneckerQuery", "DiagonalQuery", "FlatQuery"}
-    assert prepared.rest == ["transformer.wpe.weight"]
+    assert kinds == {"KroneckerQuery", "DiagonalQuery"}
+    assert prepared.rest == [] and prepared.expanded == {"transformer.wpe"}
     reference = ik.Influence(target, inverse, path="flat").pairwise(query, train)
     _close(scorer.pairwise_prepared(prepared, train), reference)
     per_module = scorer.pairwise_per_module(query, train)

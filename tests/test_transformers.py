@@ -58,9 +58,9 @@ def test_bert_per_example_gradients_hooks_equal_loop_all_parameters():
     torch.testing.assert_close(auto, loop, rtol=1e-8, atol=1e-10)
     engine = GradientEngine(target, "auto")
     engine(target.params(), batch)
-    # position ids are shared by the batch ([1, T]): that table falls back
-    assert engine.rest == ["bert.embeddings.position_embeddings.weight"]
-    assert engine.rest_method == "loop"  # vmap cannot trace transformers' mask code
+    # position ids are shared by the batch ([1, T]): that table's output is expanded per
+    # example, so every parameter stays on hooks
+    assert engine.rest == [] and engine.expanded == {"bert.embeddings.position_embeddings"}
     with pytest.raises(ik.errors.InfluenceKitError, match="engine='vmap' cannot trace"):
         _engine_grads(target, batch, "vmap")
 

@@ -26,6 +26,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .data import batch_size
 from .layers import Layer, check_single_use
 
 
@@ -38,10 +39,17 @@ class LayerCapture:
     ``cap.output_grads[name]`` is the gradient of the backpropagated scalar w.r.t. the module's
     output. Call :meth:`reset` before each forward pass. A module called twice in one forward
     pass (shared weights) raises :class:`~influencekit.errors.UnsupportedModuleError`.
+
+    ``expand``: modules whose input may be shared by the batch (first dimension 1, e.g. position
+    ids ``[1, T]``): when :attr:`batch_size` is set and larger, their output is returned expanded
+    to ``[batch_size, ...]`` (a view; the model's broadcasting gives the same values), so that
+    their output gradient keeps one row per example instead of the sum over the batch.
     """
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, modules: dict[str, nn.Module], expand=frozenset()):
         self.modules = modules
+        self.expand = frozenset(expand)
+        self.batch_size: int | None = None
         self.inputs: dict[str, torch.Tensor] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
         self._handles = []
@@ -70,9 +78,24 @@ class LayerCapture:
     def _forward(self, name, module, args, output):
         if name in self.inputs:
             raise check_single_use(name)
-        self.inputs[name] = args[0].detach()
+        x = args[0]
+        replaced = self._expanded(name, x, output)
+        if replaced is not None:
+            x = x.expand(self.batch_size, *x.shape[1:])
+            output = replaced
+        self.inputs[name] = x.detach()
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(partial(self._backward, name))
+        return replaced  # None keeps the module's own output
+
+    def _expanded(self, name, x, output) -> torch.Tensor | None:
+        """The output expanded to the batch when ``name`` is to be expanded and its input is
+        shared by the batch; else None."""
+        if (name not in self.expand or not self.batch_size or self.batch_size == 1
+                or not isinstance(output, torch.Tensor) or x.dim() == 0 or x.shape[0] != 1
+                or output.dim() == 0 or output.shape[0] != 1):
+            return None
+        return output.expand(self.batch_size, *output.shape[1:])
 
     def _backward(self, name, grad):
         self.output_grads[name] = grad.detach()
@@ -83,13 +106,15 @@ class LayerPass:
 
     ``params`` given to :meth:`forward` must be leaf tensors that require grad (see
     :func:`live_params`); their gradients are never formed, only the layers' output gradients.
+    ``expand``: layer names whose batch-shared output is expanded per example
+    (:class:`LayerCapture`).
     """
 
-    def __init__(self, target, layers: list[Layer]):
+    def __init__(self, target, layers: list[Layer], expand=frozenset()):
         self.target = target
         self.layers = layers
         self.modules = {layer.name: target.model.get_submodule(layer.name) for layer in layers}
-        self._capture = LayerCapture(self.modules)
+        self._capture = LayerCapture(self.modules, expand)
         self._leaves: list[torch.Tensor] = []
 
     def __enter__(self) -> LayerPass:
@@ -102,6 +127,7 @@ class LayerPass:
     def forward(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
         """The Target's outputs on ``batch`` with every layer's input recorded."""
         self._capture.reset()
+        self._capture.batch_size = batch_size(batch)
         self._leaves = backward_leaves(self.layers, params)
         return self.target.outputs(params, batch)
 

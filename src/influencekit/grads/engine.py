@@ -47,7 +47,8 @@ class GradientEngine:
         target: the :class:`~influencekit.Target` (model, task, selected parameters).
         engine: ``"auto"``, ``"hooks"``, ``"vmap"`` or ``"loop"`` (module docstring).
 
-    ``layers`` are the layers done by hooks, ``rest`` the parameter names done by vmap/loop.
+    ``layers`` are the layers done by hooks, ``rest`` the parameter names done by vmap/loop,
+    ``expanded`` the hooked layers whose batch-shared output is expanded per example.
     """
 
     def __init__(self, target, engine: str = "auto"):
@@ -69,6 +70,7 @@ class GradientEngine:
         self.rest_method = engine if engine in ("vmap", "loop") else "vmap"
         self.shapes = dict(zip(names, target.space.shapes, strict=True))
         self.slices = target.space.slices()
+        self.expanded: set[str] = set()
         self._shape_checked = False
 
     def __call__(self, params: dict[str, torch.Tensor], batch, of: Differentiated = "loss",
@@ -104,9 +106,10 @@ class GradientEngine:
             try:
                 values, grads = self._by_hooks(params, batch, of, targets, into)
             except HookIncompatibleError as exc:
-                if self.engine != "auto":
-                    raise
-                self.demote(exc.module)
+                if not (exc.shared_input and self.expand_shared(params, batch, exc.module)):
+                    if self.engine != "auto":
+                        raise
+                    self.demote(exc.module)
                 return self._compute(params, batch, of, targets, into)
         if self.rest:
             rest_values, rest_grads = self._by_transform(params, batch, of, targets)
@@ -130,7 +133,7 @@ class GradientEngine:
                 yield coef, self(params, batch, "loss", targets)[1]
             return
         live = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        with LayerPass(self.target, self.layers) as lp:
+        with LayerPass(self.target, self.layers, self.expanded) as lp:
             outputs = lp.forward(live, batch)
             inputs = dict(lp.inputs)
             self._check_batch_inputs(inputs, outputs.shape[0])
@@ -143,13 +146,36 @@ class GradientEngine:
     # -- hooks ----------------------------------------------------------------------------------
     def _by_hooks(self, params, batch, of, targets, into=None):
         live = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        with LayerPass(self.target, self.layers) as lp:
+        with LayerPass(self.target, self.layers, self.expanded) as lp:
             outputs = lp.forward(live, batch)
             values = self.values(outputs, batch, of, targets)
             inputs = dict(lp.inputs)
             self._check_batch_inputs(inputs, values.shape[0])
             out_grads = lp.backward(values)
         return values.detach(), self._assemble(lp, inputs, out_grads, values.dtype, into)
+
+    def expand_shared(self, params, batch, module: str) -> bool:
+        """Keep hooked ``module``, whose input is shared by the batch, on hooks by expanding its
+        output per example — if that leaves the model's outputs on ``batch`` bit for bit as
+        they are (else the model does not just broadcast it over the examples). Returns
+        whether it was added to :attr:`expanded`."""
+        if module in self.expanded:
+            return False
+        fixed = {n: p.detach() for n, p in params.items()}
+        layer = [lay for lay in self.layers if lay.name == module]
+        with torch.no_grad():
+            plain = self.target.outputs(fixed, batch)
+            try:
+                with LayerPass(self.target, layer, {module}) as lp:
+                    expanded = lp.forward(fixed, batch)
+            except RuntimeError:  # e.g. an in-place write into the expanded view
+                return False
+        same = expanded.shape == plain.shape and torch.equal(expanded, plain)
+        if same:
+            self.expanded.add(module)
+            logger.info("module %r is shared by the batch; its output is expanded per example "
+                        "so that it stays on hooks", module)
+        return same
 
     def _check_batch_inputs(self, inputs, size):
         for layer in self.layers:

@@ -314,9 +314,10 @@ class HookIncompatibleError(UnsupportedModuleError):
     """A hooked module cannot give per-example gradients in this model (called more than once
     per forward pass, or fed an input without the batch dimension); ``module`` names it."""
 
-    def __init__(self, message: str, module: str):
+    def __init__(self, message: str, module: str, shared_input: bool = False):
         super().__init__(message)
         self.module = module
+        self.shared_input = shared_input
 
 
 def broadcast_input_error(name: str, got: int, batch: int) -> HookIncompatibleError:
@@ -326,7 +327,7 @@ def broadcast_input_error(name: str, got: int, batch: int) -> HookIncompatibleEr
         f"module {name!r} receives an input with first dimension {got} for a batch of {batch} "
         "(an input shared by the whole batch, e.g. position ids [1, T]); its hooked output "
         "gradient is summed over the examples, so per-example gradients need "
-        "Runtime(engine='auto'), 'vmap' or 'loop' for its parameters.", name)
+        "Runtime(engine='auto'), 'vmap' or 'loop' for its parameters.", name, shared_input=True)
 
 
 def check_single_use(name: str) -> HookIncompatibleError:

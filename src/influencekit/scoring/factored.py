@@ -128,6 +128,8 @@ class PreparedQueries:
             training example's score when training gradients include ∇R (empty otherwise).
         rank: the query-batching rank r, or None (full rank).
         rest_engine: the gradient engine for the rest's per-example gradients.
+        expanded: hooked layers whose input is shared by the batch (position ids ``[1, T]``)
+            and whose output is expanded per example (:class:`~influencekit.grads.LayerPass`).
     """
 
     terms: list
@@ -136,6 +138,7 @@ class PreparedQueries:
     regularizer: dict[str, torch.Tensor]
     rank: int | None = None
     rest_engine: str = "auto"
+    expanded: frozenset = frozenset()
 
     @property
     def n_query(self) -> int:
@@ -196,7 +199,8 @@ def concat_queries(parts: list[PreparedQueries]) -> PreparedQueries:
             fields[f.name] = value
         terms.append(type(term)(**fields))
     regularizer = {m: torch.cat([p.regularizer[m] for p in parts]) for m in first.regularizer}
-    return dataclasses.replace(first, terms=terms, regularizer=regularizer)
+    expanded = frozenset().union(*(p.expanded for p in parts))
+    return dataclasses.replace(first, terms=terms, regularizer=regularizer, expanded=expanded)
 
 
 def build_queries(pre: dict[str, torch.Tensor], hooked: list[Layer], rest: list[str],
@@ -342,7 +346,8 @@ def prepare_queries(target: Target, inverse, query, runtime: Runtime, *, of="mea
         terms, regularizer = solve_into_terms(inverse, grads, engine.layers, engine.rest, rank,
                                               runtime, reg)
         parts.append(PreparedQueries(terms, list(engine.layers), list(engine.rest),
-                                     regularizer, rank, rest_engine_name(engine)))
+                                     regularizer, rank, rest_engine_name(engine),
+                                     frozenset(engine.expanded)))
     if not parts:
         raise InfluenceKitError("the query data holds no example")
     return concat_queries(parts) if len(parts) > 1 else parts[0]
@@ -398,7 +403,7 @@ def iter_train_parts(queries: PreparedQueries, target: Target, train, runtime: R
     loader = as_loader(train, runtime, "training data")
     for start, batch, _ in iter_batches(loader, runtime, dtype, desc=desc):
         # hooks live for one batch only: the rest engine's passes must not meet them
-        with LayerPass(target, queries.hooked) as lp:
+        with LayerPass(target, queries.hooked, queries.expanded) as lp:
             outputs = lp.forward(params, batch)
             values = target.loss_from_outputs(outputs, batch)
             _check_values(values, start)
@@ -533,7 +538,8 @@ def pairwise_sets(sets: list[PreparedQueries], target: Target, train,
                                     "layers and flat parameters (prepare them with the same "
                                     "Target and Runtime).")
     joined = dataclasses.replace(first, terms=[t for q in sets for t in q.terms],
-                                 regularizer={})
+                                 regularizer={},
+                                 expanded=frozenset().union(*(q.expanded for q in sets)))
     blocks: list[list[torch.Tensor]] = [[] for _ in sets]
     for part in iter_train_parts(joined, target, train, runtime):
         at = 0
@@ -797,7 +803,7 @@ def _hooked_pass(engine: GradientEngine, params, batch, start: int,
     live = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     while True:
         try:
-            with LayerPass(target, engine.layers) as lp:
+            with LayerPass(target, engine.layers, engine.expanded) as lp:
                 outputs = lp.forward(live, batch)
                 values = target.loss_from_outputs(outputs, batch)
                 _check_values(values.detach(), start)
@@ -812,6 +818,8 @@ def _hooked_pass(engine: GradientEngine, params, batch, start: int,
                 modules = dict(lp.modules)
             break
         except HookIncompatibleError as exc:
+            if exc.shared_input and engine.expand_shared(params, batch, exc.module):
+                continue
             if engine.engine != "auto":
                 raise
             engine.demote(exc.module)
