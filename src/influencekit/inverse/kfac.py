@@ -29,12 +29,27 @@ from ..curvature.kfac import eigenvalue_corrections, factors_of, kronecker_stati
 from ..curvature.labels import LabelSets, resolve_label_mode
 from ..curvature.statistics import store_config
 from ..errors import InfluenceKitError, UnsupportedModuleError
-from ..grads import Layer, compute_dtype, find_layers, layer_index, layer_matrix, layer_parameters
+from ..grads import Layer, compute_dtype, find_layers
 from ..storage import FitStore
 from ..task.regularizer import L2Regularizer
 from .base import InverseCurvature, check_parameter_grads
+from .kfac_layout import (
+    ALL_KINDS,
+    FACTORED_KINDS,
+    decomposition_cost,
+    dense_basis,
+    eigh_or_diagonal,
+    factored_index,
+    factored_matrix,
+    factored_parameters,
+    factored_shape,
+    resolve_kinds,
+    rotate_in,
+    rotate_out,
+)
 
-FACTORED_KINDS = ("linear", "conv2d", "conv1d")
+__all__ = ["ALL_KINDS", "EKFAC", "FACTORED_KINDS", "KFAC"]
+
 
 F64 = torch.float64
 
@@ -46,12 +61,14 @@ class _KroneckerInverse(InverseCurvature):
     resumable = True
 
     def __init__(self, damping: float | str = "auto", labels: str = "auto", n_samples: int = 1,
-                 seed: int = 0, modules: list[str] | None = None):
+                 seed: int = 0, modules: list[str] | None = None,
+                 kinds: str | list[str] | None = None):
         self.damping = damping
         self.labels = labels
         self.n_samples = n_samples
         self.seed = seed
         self.modules = modules
+        self.kinds = kinds
 
     # -- fitting ------------------------------------------------------------------------------
     def _fit(self, curvature, runtime, store=None):
@@ -63,7 +80,7 @@ class _KroneckerInverse(InverseCurvature):
                 "kind='ggn' (or 'fisher' / 'empirical_fisher'), or a Hessian method (ik.Exact, "
                 "ik.CG).")
         mode = resolve_label_mode(target.task, curvature.kind, self.labels)
-        layers = find_layers(target, self.modules, FACTORED_KINDS)
+        layers = find_layers(target, self.modules, resolve_kinds(self.kinds))
         _refuse_tied(layers)
         extra = _regularizer_shift(target, layers)
         store = FitStore.of(store)
@@ -151,7 +168,7 @@ class _KroneckerInverse(InverseCurvature):
         cached = getattr(self, "_index_cache", None)
         if cached is None or cached[0] is not self.fit_info_:
             space = self.param_space_
-            cached = (self.fit_info_, [layer_index(layer, space) for layer in self.layers_])
+            cached = (self.fit_info_, [factored_index(layer, space) for layer in self.layers_])
             self._index_cache = cached
         return cached[1]
 
@@ -163,10 +180,10 @@ class _KroneckerInverse(InverseCurvature):
             flat_idx = idx.reshape(-1).to(grads.device)
             block = grads[:, flat_idx].to(device=device, dtype=F64).reshape(-1, *idx.shape)
             qa, qs = self.a_eigenvectors_[i], self.s_eigenvectors_[i]
-            rotated = qs.T @ block @ qa                                        # [k, d_out, width]
+            rotated = rotate_in(block, qs, qa)                                 # [k, d_out, width]
             shift = self.regularizer_shift_[i] + self.layer_damping_[i]
             rotated = rotated / (self._eigenvalues(i) + shift)
-            solved = (qs @ rotated @ qa.T).reshape(grads.shape[0], -1)
+            solved = rotate_out(rotated, qs, qa).reshape(grads.shape[0], -1)
             out[:, flat_idx] = solved.to(device=grads.device, dtype=grads.dtype)
         return out
 
@@ -180,7 +197,8 @@ class _KroneckerInverse(InverseCurvature):
         device = self.a_eigenvectors_[0].device
         out = torch.zeros(p, p, dtype=F64, device=device)
         for i, idx in enumerate(self._indices()):
-            q = torch.kron(self.s_eigenvectors_[i], self.a_eigenvectors_[i])
+            q = dense_basis(self.s_eigenvectors_[i], self.a_eigenvectors_[i],
+                            factored_shape(self.layers_[i]))
             e = self._eigenvalues(i).reshape(-1) + self.regularizer_shift_[i]
             flat = idx.reshape(-1).to(device)
             out[flat[:, None], flat[None, :]] = (q * e) @ q.T
@@ -203,14 +221,14 @@ class _KroneckerInverse(InverseCurvature):
         for i, layer in enumerate(self.layers_):
             if not any(n in grads for n in (layer.weight, layer.bias) if n):
                 continue
-            g = layer_matrix(layer, grads)
+            g = factored_matrix(layer, grads)
             work = torch.promote_types(g.dtype, torch.float32)
             qa = self.a_eigenvectors_[i].to(device=g.device, dtype=work)
             qs = self.s_eigenvectors_[i].to(device=g.device, dtype=work)
             shift = self.regularizer_shift_[i] + self.layer_damping_[i]
             denominator = (self._eigenvalues(i) + shift).to(device=g.device, dtype=work)
-            solved = qs @ ((qs.T @ g.to(work) @ qa) / denominator) @ qa.T
-            out.update(layer_parameters(layer, solved.to(g.dtype), shapes))
+            solved = rotate_out(rotate_in(g.to(work), qs, qa) / denominator, qs, qa)
+            out.update(factored_parameters(layer, solved.to(g.dtype), shapes))
         return out
 
     # -- persistence --------------------------------------------------------------------------
@@ -295,12 +313,12 @@ def _eigendecompositions(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     eigendecompositions computed by the process that owns the layer (owners balance the cost
     ``width³ + d_out³``) and broadcast, so every process holds the same bits."""
     names = [layer.name for layer in layers]
-    costs = [float(layer.width) ** 3 + float(layer.d_out) ** 3 for layer in layers]
+    costs = [decomposition_cost(layer) for layer in layers]
     owned = {}
     for name in dist.for_modules(names, costs):
         a, s = factors[name]
-        ea, qa = torch.linalg.eigh(a)
-        es, qs = torch.linalg.eigh(s)
+        ea, qa = eigh_or_diagonal(a)
+        es, qs = eigh_or_diagonal(s)
         for part, tensor in zip(_PARTS, (ea, qa, es, qs), strict=True):
             owned[f"{name}/{part}"] = tensor.contiguous()
     owners = dist.module_owners(names, costs)
