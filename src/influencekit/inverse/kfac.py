@@ -29,7 +29,7 @@ from ..curvature.kfac import eigenvalue_corrections, factors_of, kronecker_stati
 from ..curvature.labels import LabelSets, resolve_label_mode
 from ..curvature.statistics import store_config
 from ..errors import InfluenceKitError, UnsupportedModuleError
-from ..grads import Layer, compute_dtype, find_layers
+from ..grads import Layer, compute_dtype
 from ..storage import FitStore
 from ..task.regularizer import L2Regularizer
 from .base import InverseCurvature, check_parameter_grads
@@ -43,7 +43,7 @@ from .kfac_layout import (
     factored_matrix,
     factored_parameters,
     factored_shape,
-    resolve_kinds,
+    find_factored_layers,
     rotate_in,
     rotate_out,
 )
@@ -80,7 +80,7 @@ class _KroneckerInverse(InverseCurvature):
                 "kind='ggn' (or 'fisher' / 'empirical_fisher'), or a Hessian method (ik.Exact, "
                 "ik.CG).")
         mode = resolve_label_mode(target.task, curvature.kind, self.labels)
-        layers = find_layers(target, self.modules, resolve_kinds(self.kinds))
+        layers = find_factored_layers(target, self.modules, self.kinds)
         _refuse_tied(layers)
         extra = _regularizer_shift(target, layers)
         store = FitStore.of(store)
@@ -331,15 +331,19 @@ _PARTS = ("a_values", "a_vectors", "s_values", "s_vectors")
 
 
 def _refuse_tied(layers: list[Layer]) -> None:
+    """Refuse a parameter held by two factored modules (tied input / output embeddings)."""
     seen: dict[str, str] = {}
     for layer in layers:
         for name in (layer.weight, layer.bias):
             if name and name in seen:
                 raise UnsupportedModuleError(
                     f"parameter {name!r} is shared by modules {seen[name]!r} and {layer.name!r} "
-                    "(tied weights); K-FAC factors one module per parameter. Exclude it from the "
-                    "Target, or give it its own block: ik.block_diagonal({" + repr(name) + ": "
-                    "ik.Exact(...)}, default=ik.KFAC(...)).")
+                    "(tied weights, e.g. GPT-2's input and output embeddings); K-FAC factors "
+                    "one module per parameter and has no factorisation of a tied weight. Leave "
+                    "it out of the Target (e.g. only the attention and MLP modules: "
+                    "Target(params=['transformer.h']) for GPT-2), or give it its own block: "
+                    "ik.block_diagonal({" + repr(name) + ": ik.Diagonal(...)}, "
+                    "default=ik.KFAC(...)).")
             if name:
                 seen[name] = layer.name
 

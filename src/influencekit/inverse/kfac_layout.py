@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..curvature.kfac_kinds import NORM_KINDS, norm_size
-from ..errors import InfluenceKitError
+from ..errors import InfluenceKitError, UnsupportedModuleError
 from ..func.params import ParamSpace
-from ..grads import Layer, layer_index, layer_matrix, layer_parameters
+from ..grads import Layer, find_layers, layer_index, layer_matrix, layer_parameters
 
 F64 = torch.float64
 
@@ -47,6 +47,20 @@ def resolve_kinds(kinds: str | list[str] | tuple[str, ...] | None) -> tuple[str,
 def identity_basis(device=None) -> torch.Tensor:
     """The marker of an identity eigenbasis: an empty float64 tensor."""
     return torch.empty(0, dtype=F64, device=device)
+
+
+def find_factored_layers(target, modules: list[str] | None, kinds) -> list[Layer]:
+    """The Target's layers of the resolved ``kinds`` (see :func:`resolve_kinds`); an error for
+    an embedding or norm left out by the default kinds names ``kinds='all'``."""
+    resolved = resolve_kinds(kinds)
+    try:
+        return find_layers(target, modules, resolved)
+    except UnsupportedModuleError as exc:
+        if set(ALL_KINDS) <= set(resolved):
+            raise
+        raise UnsupportedModuleError(
+            f"{exc} K-FAC / EK-FAC factor nn.Embedding, nn.LayerNorm and nn.RMSNorm too when "
+            "asked: kinds='all' (or e.g. kinds=['linear', 'conv1d', 'layernorm']).") from exc
 
 
 def factored_shape(layer: Layer) -> tuple[int, int]:
