@@ -14,6 +14,11 @@ Token convention: tokens are treated as independent contributions (the "expand" 
 with one token (a plain ``[B, d]`` Linear) this is the usual K-FAC and it is exact whenever
 ``E_y[g_i g_iᵀ]`` is the same for every example or there is one example.
 
+Embeddings and LayerNorm / RMSNorm (when the inverse asks for them, ``kinds=``) get their
+statistics in the same passes from :mod:`influencekit.curvature.kfac_kinds`: an embedding's
+diagonal A ``[V]`` (token frequencies; masked and padding-index tokens dropped), a norm's exact
+curvature block as S (or its diagonal), with ``A = [[1]]``.
+
 Padding: where the task gives a token mask ``[B, T]`` (``Task.token_mask``, e.g. the attention
 mask) and a layer's token dimension is that T, only real tokens enter: masked tokens' ``a`` and
 ``g`` are zeroed and T_i counts the real tokens of example i.
@@ -43,9 +48,9 @@ import torch
 
 from ..errors import NonFiniteError
 from ..grads import (
+    HookIncompatibleError,
     Layer,
     LayerPass,
-    broadcast_input_error,
     compute_dtype,
     layer_activations,
     layer_output_grads,
@@ -97,10 +102,17 @@ def iter_layer_batches(curvature, runtime: Runtime, layers: list[Layer],
 
 
 def _check_batch_input(layer: Layer, x: torch.Tensor, size: int) -> None:
-    """Refuse an input shared by the whole batch (position ids ``[1, T]``)."""
+    """Refuse an input shared by the whole batch (position ids ``[1, T]``): its hooked output
+    gradient is summed over the examples, so no per-example statistic can be formed."""
     got = x.shape[0] if x.dim() else 1
     if got != size:
-        raise broadcast_input_error(layer.name, got, size)
+        names = [n for n in (layer.weight, layer.bias) if n]
+        raise HookIncompatibleError(
+            f"module {layer.name!r} receives an input with first dimension {got} for a batch "
+            f"of {size} (an input shared by the whole batch, e.g. position ids [1, T]), so "
+            "K-FAC cannot see each example's part of its statistics. Leave its parameters "
+            f"{names} out of the Target, or give them their own block: ik.block_diagonal("
+            f"{{{names[0]!r}: ik.Diagonal(...)}}, default=ik.KFAC(...)).", layer.name)
 
 
 def _layer_mask(mask: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor | None:

@@ -1,8 +1,10 @@
 """K-FAC and EK-FAC: block-diagonal (per layer) Kronecker-factored ``(C + λI)⁻¹``.
 
-Per supported layer (``nn.Linear``, ``nn.Conv2d``, GPT-2's ``Conv1D``; bias included) the
-curvature block of the mean training loss is approximated in the layer's gradient-matrix layout
-``[d_out, width]`` (weight row o followed by bias o; see :mod:`influencekit.grads.layers`) by
+Per supported layer (``nn.Linear``, ``nn.Conv2d``, GPT-2's ``Conv1D``; bias included; with
+``kinds=`` also ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``) the curvature block of the
+mean training loss is approximated in the layer's gradient-matrix layout ``[d_out, width]``
+(weight row o followed by bias o; see :mod:`influencekit.grads.layers`; a norm's parameters are
+one column ``[m, 1]``, :mod:`.kfac_layout`) by
 
 - K-FAC: ``S ⊗ A`` with eigenvalues ``s_o · a_j`` in the basis ``Q_S ⊗ Q_A``;
 - EK-FAC: the same basis with the eigenvalues replaced by the mean squared per-example gradient
@@ -278,9 +280,26 @@ class KFAC(_KroneckerInverse):
             predictive distribution, generator seeded with ``seed``) for ``kind="ggn"`` /
             ``"fisher"``; a curvature of ``kind="empirical_fisher"`` always uses the true labels.
         n_samples, seed: for ``labels="sampled"``.
-        modules: names of the modules to factor (default: every ``nn.Linear`` / ``nn.Conv2d`` /
-            ``Conv1D`` holding Target parameters). Every Target parameter must lie in one of them;
-            otherwise :class:`~influencekit.errors.UnsupportedModuleError` names the others.
+        modules: names of the modules to factor (default: every module of ``kinds`` holding
+            Target parameters). Every Target parameter must lie in one of them; otherwise
+            :class:`~influencekit.errors.UnsupportedModuleError` names the others.
+        kinds: the layer kinds factored: None (default) = ``linear``, ``conv2d``, ``conv1d``;
+            ``"all"`` adds ``embedding``, ``layernorm``, ``rmsnorm``; or a list of them.
+            An ``nn.Embedding`` (one-hot inputs) has a DIAGONAL activation factor
+            ``A = diag(token frequencies)`` ``[V]`` (masked and padding-index tokens never
+            count), eigenbasis the identity (stored as an empty tensor, never ``V × V``), and the
+            usual S ``[d, d]``; EK-FAC's corrections ``[d, V]`` come from each (example, token
+            id) pair. With one real token per example K-FAC's block is exact. A LayerNorm /
+            RMSNorm gets its EXACT curvature block over its weight and bias (``m = d`` or ``2d``
+            numbers) as S with ``A = [[1]]`` — K-FAC and EK-FAC then both equal the damped
+            block; past ``curvature.kfac_kinds.NORM_EXACT_LIMIT`` (4,096) entries only its
+            diagonal is kept. Embeddings whose input is shared by the batch (position ids
+            ``[1, T]``) are refused with :class:`~influencekit.errors.UnsupportedModuleError`.
+
+    Tied weights (GPT-2's ``wte`` tied to ``lm_head``) are refused: a parameter held by two
+    factored modules has no Kronecker factorisation here. The error names the fixes: leave it
+    out of the Target (e.g. ``params=["transformer.h"]``), or give it its own block,
+    ``ik.block_diagonal({"transformer.wte.weight": ik.Diagonal(...)}, default=ik.KFAC(...))``.
 
     The curvature's ``kind`` decides what is approximated: ``"ggn"`` and ``"fisher"`` use the
     Fisher of the task's predictive distribution (equal to the GGN for cross-entropy on logits
@@ -289,7 +308,8 @@ class KFAC(_KroneckerInverse):
     layer; ``matrix()`` builds the dense approximation for tests.
 
     Fitted: per layer the eigen-decompositions of A and S (``a_eigenvalues_``,
-    ``a_eigenvectors_``, ``s_eigenvalues_``, ``s_eigenvectors_``, lists over ``layers_``),
+    ``a_eigenvectors_``, ``s_eigenvalues_``, ``s_eigenvectors_``, lists over ``layers_``; an
+    empty eigenvector tensor means the identity: an embedding's A, a large norm's S),
     ``layer_damping_ [n_layers]`` (resolved λ per layer; ``damping_`` is their mean) and
     ``regularizer_shift_ [n_layers]``.
     """
