@@ -290,3 +290,60 @@ def test_tied_embedding_in_its_own_diagonal_block_as_the_error_says():
     inverse.fit(ik.Curvature(target, train), stationarity=False)
     _close(ik.Influence(target, inverse).pairwise(query, train),
            ik.Influence(target, inverse, path="flat").pairwise(query, train))
+
+
+class _NormNet(nn.Module):
+    """Embedding (padding index 0) → RMSNorm over tokens → mean → LayerNorm → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.norm = nn.RMSNorm(4)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(self.ln(torch.tanh(self.norm(self.emb(ids))).mean(dim=1)))
+
+
+def _norm_net_problem(n=7):
+    torch.manual_seed(0)
+    model = _NormNet().double()
+    with torch.no_grad():  # away from the initial ones / zeros
+        for name in ("norm", "ln"):
+            for p in getattr(model, name).parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 7, (n, 5), generator=gen)
+    return model, (ids, torch.randint(0, 3, (n,), generator=gen))
+
+
+def test_rmsnorm_block_is_exact_and_everything_else_is_consistent(tmp_path):
+    """RMSNorm and LayerNorm blocks = the dense GGN blocks; with every layer (embedding with a
+    padding index, norms, Linear) and per-layer "auto" damping, solve inverts
+    matrix() + diag(damping_vector_()), factored scores = flat scores, and a fit written to a
+    FitStore equals the plain fit."""
+    model, data = _norm_net_problem()
+    norms = ik.Target(model, ik.ClassificationTask(), params=["norm", "ln"])
+    curvature = ik.Curvature(norms, data)
+    blocks = _block_diagonal(curvature.dense(), norms)
+    g = torch.randn(3, norms.num_params, dtype=F64, generator=torch.Generator().manual_seed(4))
+    for method in (ik.KFAC, ik.EKFAC):
+        fitted = method(DAMPING, kinds=["rmsnorm", "layernorm"]).fit(curvature,
+                                                                      stationarity=False)
+        assert [layer.kind for layer in fitted.layers_] == ["rmsnorm", "layernorm"]
+        _close(fitted.solve(g), _damped_solve(blocks, DAMPING, g), rtol=1e-9)
+
+    target = ik.Target(model, ik.ClassificationTask(), regularizer=ik.L2Regularizer(1e-2))
+    curvature = ik.Curvature(target, data)
+    g = torch.randn(3, target.num_params, dtype=F64, generator=torch.Generator().manual_seed(5))
+    query = (data[0][:2].flip(1), data[1][:2])
+    for method in (ik.KFAC, ik.EKFAC):
+        fitted = method("auto", kinds="all").fit(curvature, stationarity=False)
+        shifted = fitted.matrix() + torch.diag(fitted.damping_vector_())
+        _close(fitted.solve(g @ shifted), g, rtol=1e-8)
+        _close(ik.Influence(target, fitted).pairwise(query, data),
+               ik.Influence(target, fitted, path="flat").pairwise(query, data))
+        stored = method("auto", kinds="all").fit(curvature, store=tmp_path / method.__name__,
+                                                 stationarity=False)
+        torch.testing.assert_close(stored.solve(g), fitted.solve(g), rtol=1e-12, atol=0)
