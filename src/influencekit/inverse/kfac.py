@@ -289,7 +289,7 @@ class KFAC(_KroneckerInverse):
             ``A = diag(token frequencies)`` ``[V]`` (masked and padding-index tokens never
             count), eigenbasis the identity (stored as an empty tensor, never ``V × V``), and the
             usual S ``[d, d]``; EK-FAC's corrections ``[d, V]`` come from each (example, token
-            id) pair. With one real token per example K-FAC's block is exact. A LayerNorm /
+            id) pair (exact for one example of one real token). A LayerNorm /
             RMSNorm gets its EXACT curvature block over its weight and bias (``m = d`` or ``2d``
             numbers) as S with ``A = [[1]]`` — K-FAC and EK-FAC then both equal the damped
             block; past ``curvature.kfac_kinds.NORM_EXACT_LIMIT`` (4,096) entries only its
