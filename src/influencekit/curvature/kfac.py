@@ -14,6 +14,11 @@ Token convention: tokens are treated as independent contributions (the "expand" 
 with one token (a plain ``[B, d]`` Linear) this is the usual K-FAC and it is exact whenever
 ``E_y[g_i g_iᵀ]`` is the same for every example or there is one example.
 
+Embeddings and LayerNorm / RMSNorm (when the inverse asks for them, ``kinds=``) get their
+statistics in the same passes from :mod:`influencekit.curvature.kfac_kinds`: an embedding's
+diagonal A ``[V]`` (token frequencies; masked and padding-index tokens dropped), a norm's exact
+curvature block as S (or its diagonal), with ``A = [[1]]``.
+
 Padding: where the task gives a token mask ``[B, T]`` (``Task.token_mask``, e.g. the attention
 mask) and a layer's token dimension is that T, only real tokens enter: masked tokens' ``a`` and
 ``g`` are zeroed and T_i counts the real tokens of example i.
@@ -43,6 +48,7 @@ import torch
 
 from ..errors import NonFiniteError
 from ..grads import (
+    HookIncompatibleError,
     Layer,
     LayerPass,
     compute_dtype,
@@ -52,6 +58,7 @@ from ..grads import (
 )
 from ..runtime import Runtime
 from ..storage import FitStore, fingerprint
+from . import kfac_kinds
 from .labels import LabelSets
 from .statistics import Sums, accumulate
 
@@ -78,8 +85,13 @@ def iter_layer_batches(curvature, runtime: Runtime, layers: list[Layer],
             mask = target.token_mask(batch)
             acts, masks = {}, {}
             for layer in layers:
-                a = layer_activations(layer, lp.modules[layer.name],
-                                      lp.inputs[layer.name]).to(F64)
+                module, x = lp.modules[layer.name], lp.inputs[layer.name]
+                if layer.kind in kfac_kinds.KINDS:  # ids / normalised inputs, masked
+                    _check_batch_input(layer, x, w.shape[0])
+                    acts[layer.name], masks[layer.name] = kfac_kinds.statistic_inputs(
+                        layer, module, x, mask)
+                    continue
+                a = layer_activations(layer, module, x).to(F64)
                 masks[layer.name] = _layer_mask(mask, a)
                 acts[layer.name] = a if masks[layer.name] is None else a * masks[layer.name]
             counts = {name: _token_counts(masks[name], a) for name, a in acts.items()}
@@ -87,6 +99,20 @@ def iter_layer_batches(curvature, runtime: Runtime, layers: list[Layer],
             yield (w.to(F64), counts, acts,
                    _backward_each(target, lp, outputs, batch, label_sets, layers, acts, masks,
                                   w.to(F64), start))
+
+
+def _check_batch_input(layer: Layer, x: torch.Tensor, size: int) -> None:
+    """Refuse an input shared by the whole batch (position ids ``[1, T]``): its hooked output
+    gradient is summed over the examples, so no per-example statistic can be formed."""
+    got = x.shape[0] if x.dim() else 1
+    if got != size:
+        names = [n for n in (layer.weight, layer.bias) if n]
+        raise HookIncompatibleError(
+            f"module {layer.name!r} receives an input with first dimension {got} for a batch "
+            f"of {size} (an input shared by the whole batch, e.g. position ids [1, T]), so "
+            "K-FAC cannot see each example's part of its statistics. Leave its parameters "
+            f"{names} out of the Target, or give them their own block: ik.block_diagonal("
+            f"{{{names[0]!r}: ik.Diagonal(...)}}, default=ik.KFAC(...)).", layer.name)
 
 
 def _layer_mask(mask: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor | None:
@@ -117,7 +143,8 @@ def _backward_each(target, lp, outputs, batch, label_sets, layers, acts, masks, 
             g = out_grads[layer.name]
             if g is None:  # this layer does not reach the loss
                 a = acts[layer.name]
-                g = a.new_zeros(a.shape[0], a.shape[1], layer.d_out)
+                g = torch.zeros(a.shape[0], a.shape[1], layer.d_out, dtype=F64,
+                                device=a.device)
             else:
                 g = layer_output_grads(layer, g).to(F64)
                 if masks[layer.name] is not None:
@@ -135,16 +162,20 @@ def kronecker_statistics(curvature, runtime: Runtime, layers: list[Layer],
     ``factors/``) when given. ``config``: what the factors depend on besides the data (the
     store records it)."""
     def zeros():
-        out = {f"A/{layer.name}": torch.zeros(layer.width, layer.width, dtype=F64,
-                                              device=runtime.device) for layer in layers}
-        out.update({f"S/{layer.name}": torch.zeros(layer.d_out, layer.d_out, dtype=F64,
-                                                   device=runtime.device) for layer in layers})
+        out = {}
+        for layer in layers:
+            if layer.kind in kfac_kinds.KINDS:
+                a, s = kfac_kinds.factor_zeros(layer, runtime.device)
+            else:
+                a = torch.zeros(layer.width, layer.width, dtype=F64, device=runtime.device)
+                s = torch.zeros(layer.d_out, layer.d_out, dtype=F64, device=runtime.device)
+            out[f"A/{layer.name}"], out[f"S/{layer.name}"] = a, s
         return out
 
     def add(rows, sums):
         return _stream_weighted(curvature, runtime, layers, labels, rows,
                                 lambda w, counts, acts, label_sets: _accumulate_factors(
-                                    acts, counts, label_sets, w, sums))
+                                    acts, counts, label_sets, w, sums, _other_kinds(layers)))
 
     if store is not None:
         config = {**(config or {}), "layers": [layer.to_dict() for layer in layers]}
@@ -180,13 +211,24 @@ def _stream_weighted(curvature, runtime, layers, labels, rows, accumulate_batch)
     return total
 
 
-def _accumulate_factors(acts, counts, label_sets, w, sums):
+def _other_kinds(layers: list[Layer]) -> dict[str, Layer]:
+    """The layers whose statistics :mod:`.kfac_kinds` computes (embeddings, norms), by name."""
+    return {layer.name: layer for layer in layers if layer.kind in kfac_kinds.KINDS}
+
+
+def _accumulate_factors(acts, counts, label_sets, w, sums, others):
     """Add one batch to the sums of A (mean over real tokens) and S (token sum), weighted."""
     for name, a in acts.items():
+        if name in others:
+            kfac_kinds.add_factor_a(others[name], a, w, counts[name], sums[f"A/{name}"])
+            continue
         scale = (w / counts[name])[:, None, None]
         sums[f"A/{name}"] += torch.einsum("bti,btj->ij", a * scale, a)
     for coef, grads in label_sets:
         for name, g in grads.items():
+            if name in others:
+                kfac_kinds.add_factor_s(others[name], acts[name], g, coef, sums[f"S/{name}"])
+                continue
             sums[f"S/{name}"] += torch.einsum("bto,btp->op", g * coef[:, None, None], g)
 
 
@@ -199,13 +241,15 @@ def eigenvalue_corrections(curvature, runtime: Runtime, layers: list[Layer],
     eigenbasis, ``bases = {layer: (Q_A, Q_S)}`` (float64). Sharded over ``runtime.context``;
     written to ``store`` (pass ``corrections/``, which records a fingerprint of the bases)."""
     def zeros():
-        return {layer.name: torch.zeros(layer.d_out, layer.width, dtype=F64,
-                                        device=runtime.device) for layer in layers}
+        return {layer.name: kfac_kinds.correction_zeros(layer, runtime.device)
+                if layer.kind in kfac_kinds.KINDS else
+                torch.zeros(layer.d_out, layer.width, dtype=F64, device=runtime.device)
+                for layer in layers}
 
     def add(rows, sums):
         return _stream_weighted(curvature, runtime, layers, labels, rows,
                                 lambda w, counts, acts, label_sets: _accumulate_corrections(
-                                    acts, label_sets, bases, sums))
+                                    acts, label_sets, bases, sums, _other_kinds(layers)))
 
     if store is not None:
         config = {**(config or {}), "layers": [layer.to_dict() for layer in layers],
@@ -215,14 +259,19 @@ def eigenvalue_corrections(curvature, runtime: Runtime, layers: list[Layer],
     return {name: s / sums.weight for name, s in sums.values.items()}
 
 
-def _accumulate_corrections(acts, label_sets, bases, sums):
+def _accumulate_corrections(acts, label_sets, bases, sums, others):
     """Add one batch of squared projected per-example gradients, weighted."""
-    rotated = {name: a @ bases[name][0] for name, a in acts.items()}
+    rotated = {name: a @ bases[name][0] for name, a in acts.items() if name not in others}
     for coef, grads in label_sets:
         for name, g in grads.items():
+            if name in others:
+                kfac_kinds.add_correction(others[name], acts[name], g, coef, bases[name][1],
+                                          sums[name])
+                continue
             projected = torch.bmm((g @ bases[name][1]).transpose(1, 2), rotated[name])
             sums[name] += torch.einsum("b,boj->oj", coef, projected ** 2)
 
 
 def _sym(m: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (m + m.T)
+    """Symmetrised; a vector (a diagonal factor) is returned as it is."""
+    return m if m.dim() == 1 else 0.5 * (m + m.T)

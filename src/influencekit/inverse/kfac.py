@@ -1,8 +1,10 @@
 """K-FAC and EK-FAC: block-diagonal (per layer) Kronecker-factored ``(C + λI)⁻¹``.
 
-Per supported layer (``nn.Linear``, ``nn.Conv2d``, GPT-2's ``Conv1D``; bias included) the
-curvature block of the mean training loss is approximated in the layer's gradient-matrix layout
-``[d_out, width]`` (weight row o followed by bias o; see :mod:`influencekit.grads.layers`) by
+Per supported layer (``nn.Linear``, ``nn.Conv2d``, GPT-2's ``Conv1D``; bias included; with
+``kinds=`` also ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``) the curvature block of the
+mean training loss is approximated in the layer's gradient-matrix layout ``[d_out, width]``
+(weight row o followed by bias o; see :mod:`influencekit.grads.layers`; a norm's parameters are
+one column ``[m, 1]``, :mod:`.kfac_layout`) by
 
 - K-FAC: ``S ⊗ A`` with eigenvalues ``s_o · a_j`` in the basis ``Q_S ⊗ Q_A``;
 - EK-FAC: the same basis with the eigenvalues replaced by the mean squared per-example gradient
@@ -29,12 +31,27 @@ from ..curvature.kfac import eigenvalue_corrections, factors_of, kronecker_stati
 from ..curvature.labels import LabelSets, resolve_label_mode
 from ..curvature.statistics import store_config
 from ..errors import InfluenceKitError, UnsupportedModuleError
-from ..grads import Layer, compute_dtype, find_layers, layer_index, layer_matrix, layer_parameters
+from ..grads import Layer, compute_dtype
 from ..storage import FitStore
 from ..task.regularizer import L2Regularizer
 from .base import InverseCurvature, check_parameter_grads
+from .kfac_layout import (
+    ALL_KINDS,
+    FACTORED_KINDS,
+    decomposition_cost,
+    dense_basis,
+    eigh_or_diagonal,
+    factored_index,
+    factored_matrix,
+    factored_parameters,
+    factored_shape,
+    find_factored_layers,
+    rotate_in,
+    rotate_out,
+)
 
-FACTORED_KINDS = ("linear", "conv2d", "conv1d")
+__all__ = ["ALL_KINDS", "EKFAC", "FACTORED_KINDS", "KFAC"]
+
 
 F64 = torch.float64
 
@@ -46,12 +63,14 @@ class _KroneckerInverse(InverseCurvature):
     resumable = True
 
     def __init__(self, damping: float | str = "auto", labels: str = "auto", n_samples: int = 1,
-                 seed: int = 0, modules: list[str] | None = None):
+                 seed: int = 0, modules: list[str] | None = None,
+                 kinds: str | list[str] | None = None):
         self.damping = damping
         self.labels = labels
         self.n_samples = n_samples
         self.seed = seed
         self.modules = modules
+        self.kinds = kinds
 
     # -- fitting ------------------------------------------------------------------------------
     def _fit(self, curvature, runtime, store=None):
@@ -63,7 +82,7 @@ class _KroneckerInverse(InverseCurvature):
                 "kind='ggn' (or 'fisher' / 'empirical_fisher'), or a Hessian method (ik.Exact, "
                 "ik.CG).")
         mode = resolve_label_mode(target.task, curvature.kind, self.labels)
-        layers = find_layers(target, self.modules, FACTORED_KINDS)
+        layers = find_factored_layers(target, self.modules, self.kinds)
         _refuse_tied(layers)
         extra = _regularizer_shift(target, layers)
         store = FitStore.of(store)
@@ -151,7 +170,7 @@ class _KroneckerInverse(InverseCurvature):
         cached = getattr(self, "_index_cache", None)
         if cached is None or cached[0] is not self.fit_info_:
             space = self.param_space_
-            cached = (self.fit_info_, [layer_index(layer, space) for layer in self.layers_])
+            cached = (self.fit_info_, [factored_index(layer, space) for layer in self.layers_])
             self._index_cache = cached
         return cached[1]
 
@@ -163,10 +182,10 @@ class _KroneckerInverse(InverseCurvature):
             flat_idx = idx.reshape(-1).to(grads.device)
             block = grads[:, flat_idx].to(device=device, dtype=F64).reshape(-1, *idx.shape)
             qa, qs = self.a_eigenvectors_[i], self.s_eigenvectors_[i]
-            rotated = qs.T @ block @ qa                                        # [k, d_out, width]
+            rotated = rotate_in(block, qs, qa)                                 # [k, d_out, width]
             shift = self.regularizer_shift_[i] + self.layer_damping_[i]
             rotated = rotated / (self._eigenvalues(i) + shift)
-            solved = (qs @ rotated @ qa.T).reshape(grads.shape[0], -1)
+            solved = rotate_out(rotated, qs, qa).reshape(grads.shape[0], -1)
             out[:, flat_idx] = solved.to(device=grads.device, dtype=grads.dtype)
         return out
 
@@ -180,7 +199,8 @@ class _KroneckerInverse(InverseCurvature):
         device = self.a_eigenvectors_[0].device
         out = torch.zeros(p, p, dtype=F64, device=device)
         for i, idx in enumerate(self._indices()):
-            q = torch.kron(self.s_eigenvectors_[i], self.a_eigenvectors_[i])
+            q = dense_basis(self.s_eigenvectors_[i], self.a_eigenvectors_[i],
+                            factored_shape(self.layers_[i]))
             e = self._eigenvalues(i).reshape(-1) + self.regularizer_shift_[i]
             flat = idx.reshape(-1).to(device)
             out[flat[:, None], flat[None, :]] = (q * e) @ q.T
@@ -203,14 +223,14 @@ class _KroneckerInverse(InverseCurvature):
         for i, layer in enumerate(self.layers_):
             if not any(n in grads for n in (layer.weight, layer.bias) if n):
                 continue
-            g = layer_matrix(layer, grads)
+            g = factored_matrix(layer, grads)
             work = torch.promote_types(g.dtype, torch.float32)
             qa = self.a_eigenvectors_[i].to(device=g.device, dtype=work)
             qs = self.s_eigenvectors_[i].to(device=g.device, dtype=work)
             shift = self.regularizer_shift_[i] + self.layer_damping_[i]
             denominator = (self._eigenvalues(i) + shift).to(device=g.device, dtype=work)
-            solved = qs @ ((qs.T @ g.to(work) @ qa) / denominator) @ qa.T
-            out.update(layer_parameters(layer, solved.to(g.dtype), shapes))
+            solved = rotate_out(rotate_in(g.to(work), qs, qa) / denominator, qs, qa)
+            out.update(factored_parameters(layer, solved.to(g.dtype), shapes))
         return out
 
     # -- persistence --------------------------------------------------------------------------
@@ -260,9 +280,26 @@ class KFAC(_KroneckerInverse):
             predictive distribution, generator seeded with ``seed``) for ``kind="ggn"`` /
             ``"fisher"``; a curvature of ``kind="empirical_fisher"`` always uses the true labels.
         n_samples, seed: for ``labels="sampled"``.
-        modules: names of the modules to factor (default: every ``nn.Linear`` / ``nn.Conv2d`` /
-            ``Conv1D`` holding Target parameters). Every Target parameter must lie in one of them;
-            otherwise :class:`~influencekit.errors.UnsupportedModuleError` names the others.
+        modules: names of the modules to factor (default: every module of ``kinds`` holding
+            Target parameters). Every Target parameter must lie in one of them; otherwise
+            :class:`~influencekit.errors.UnsupportedModuleError` names the others.
+        kinds: the layer kinds factored: None (default) = ``linear``, ``conv2d``, ``conv1d``;
+            ``"all"`` adds ``embedding``, ``layernorm``, ``rmsnorm``; or a list of them.
+            An ``nn.Embedding`` (one-hot inputs) has a DIAGONAL activation factor
+            ``A = diag(token frequencies)`` ``[V]`` (masked and padding-index tokens never
+            count), eigenbasis the identity (stored as an empty tensor, never ``V × V``), and the
+            usual S ``[d, d]``; EK-FAC's corrections ``[d, V]`` come from each (example, token
+            id) pair (exact for one example of one real token). A LayerNorm /
+            RMSNorm gets its EXACT curvature block over its weight and bias (``m = d`` or ``2d``
+            numbers) as S with ``A = [[1]]`` — K-FAC and EK-FAC then both equal the damped
+            block; past ``curvature.kfac_kinds.NORM_EXACT_LIMIT`` (4,096) entries only its
+            diagonal is kept. Embeddings whose input is shared by the batch (position ids
+            ``[1, T]``) are refused with :class:`~influencekit.errors.UnsupportedModuleError`.
+
+    Tied weights (GPT-2's ``wte`` tied to ``lm_head``) are refused: a parameter held by two
+    factored modules has no Kronecker factorisation here. The error names the fixes: leave it
+    out of the Target (e.g. ``params=["transformer.h"]``), or give it its own block,
+    ``ik.block_diagonal({"transformer.wte.weight": ik.Diagonal(...)}, default=ik.KFAC(...))``.
 
     The curvature's ``kind`` decides what is approximated: ``"ggn"`` and ``"fisher"`` use the
     Fisher of the task's predictive distribution (equal to the GGN for cross-entropy on logits
@@ -271,7 +308,8 @@ class KFAC(_KroneckerInverse):
     layer; ``matrix()`` builds the dense approximation for tests.
 
     Fitted: per layer the eigen-decompositions of A and S (``a_eigenvalues_``,
-    ``a_eigenvectors_``, ``s_eigenvalues_``, ``s_eigenvectors_``, lists over ``layers_``),
+    ``a_eigenvectors_``, ``s_eigenvalues_``, ``s_eigenvectors_``, lists over ``layers_``; an
+    empty eigenvector tensor means the identity: an embedding's A, a large norm's S),
     ``layer_damping_ [n_layers]`` (resolved λ per layer; ``damping_`` is their mean) and
     ``regularizer_shift_ [n_layers]``.
     """
@@ -295,12 +333,12 @@ def _eigendecompositions(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     eigendecompositions computed by the process that owns the layer (owners balance the cost
     ``width³ + d_out³``) and broadcast, so every process holds the same bits."""
     names = [layer.name for layer in layers]
-    costs = [float(layer.width) ** 3 + float(layer.d_out) ** 3 for layer in layers]
+    costs = [decomposition_cost(layer) for layer in layers]
     owned = {}
     for name in dist.for_modules(names, costs):
         a, s = factors[name]
-        ea, qa = torch.linalg.eigh(a)
-        es, qs = torch.linalg.eigh(s)
+        ea, qa = eigh_or_diagonal(a)
+        es, qs = eigh_or_diagonal(s)
         for part, tensor in zip(_PARTS, (ea, qa, es, qs), strict=True):
             owned[f"{name}/{part}"] = tensor.contiguous()
     owners = dist.module_owners(names, costs)
@@ -313,15 +351,19 @@ _PARTS = ("a_values", "a_vectors", "s_values", "s_vectors")
 
 
 def _refuse_tied(layers: list[Layer]) -> None:
+    """Refuse a parameter held by two factored modules (tied input / output embeddings)."""
     seen: dict[str, str] = {}
     for layer in layers:
         for name in (layer.weight, layer.bias):
             if name and name in seen:
                 raise UnsupportedModuleError(
                     f"parameter {name!r} is shared by modules {seen[name]!r} and {layer.name!r} "
-                    "(tied weights); K-FAC factors one module per parameter. Exclude it from the "
-                    "Target, or give it its own block: ik.block_diagonal({" + repr(name) + ": "
-                    "ik.Exact(...)}, default=ik.KFAC(...)).")
+                    "(tied weights, e.g. GPT-2's input and output embeddings); K-FAC factors "
+                    "one module per parameter and has no factorisation of a tied weight. Leave "
+                    "it out of the Target (e.g. only the attention and MLP modules: "
+                    "Target(params=['transformer.h']) for GPT-2), or give it its own block: "
+                    "ik.block_diagonal({" + repr(name) + ": ik.Diagonal(...)}, "
+                    "default=ik.KFAC(...)).")
             if name:
                 seen[name] = layer.name
 
