@@ -215,8 +215,8 @@ def gradient_cases(quick: bool) -> dict:
                 "labels": torch.randint(0, 3, (n,), generator=gen)}
         cases["tiny BERT (tests/transformer_models.py), T=16"] = (
             ik.Target(bert, ik.SequenceClassificationTask()), data, 64)
-        # position ids [1, T] are shared by the batch: their embedding cannot be hooked per
-        # example, so "auto" runs a per-example loop for it; without it every layer is hooked
+        # position ids [1, T] are shared by the batch: the engine expands that embedding's
+        # output per example (it stays on hooks); the row without it shows what that costs
         hookable = [n for n, _ in bert.named_parameters() if "position_embeddings" not in n]
         cases["tiny BERT without position embeddings"] = (
             ik.Target(bert, ik.SequenceClassificationTask(), params=hookable), data, 64)
