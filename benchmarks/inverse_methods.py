@@ -217,6 +217,8 @@ def method_specs(args, spec: dict) -> list[dict]:
     for name, cls in REGISTRY.items():
         if name in ("Exact", "BlockDiagonal") or name.startswith("_") or inspect.isabstract(cls):
             continue
+        if name.startswith("Projected"):  # fits a ProjectedCurvature: language_models.py
+            continue
         for label, kwargs in settings.get(name, [(name, {"damping": lam})]):
             rows.append({"method": label, "cls": name, "kwargs": kwargs})
     if "BlockDiagonal" in REGISTRY:
