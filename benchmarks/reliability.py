@@ -178,11 +178,134 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+def _fit_store_cases(root: Path) -> list[StoreCase]:
+    """EK-FAC and Exact fits with a FitStore (chunks of one batch), resumed: a resumed fit reads
+    every stored chunk and must give the same inverse, bit for bit. The twins are the same fits
+    of the same model on other data (the same shapes, other statistics)."""
+    cases = []
+    for method, passes in (("EKFAC", ("factors", "corrections")), ("Exact", ("dense",))):
+        def fit(folder, seed=0, method=method):
+            target, train = workers.fit_problem(40, seed=seed)
+            if seed:  # the twin: the model of seed 0 on the data of another seed
+                target = workers.fit_problem(40)[0]
+            if method == "Exact":  # the last layer's 100 parameters: a quick dense solve
+                target = ik.Target(target.model, ik.ClassificationTask(), params=["4"])
+            runtime = ik.Runtime(batch_size=workers.FIT_BATCH, progress=False)
+            return getattr(ik, method)(damping=1e-2).fit(
+                ik.Curvature(target, train, kind="ggn"), runtime, stationarity=False,
+                store=ik.storage.FitStore(folder, chunk_size=workers.FIT_BATCH))
+
+        folder, twin = root / f"fit-{method}", root / f"fit-{method}-twin"
+        fit(folder)
+        fit(twin, seed=1)
+        files = tuple(f"{name}/{file}" for name in passes
+                      for file in ("meta.json", "values.npy", "checksums.npy"))
+        cases.append(StoreCase(f"{method}.fit(store=) (resume)", folder, twin, files,
+                               lambda folder, fit=fit: fit(folder).state_dict(),
+                               lambda a, b: sorted(a) == sorted(b)
+                               and all(_equal(a[k], b[k]) for k in a)))
+    return cases
+
+
+def gradient_problem(n_train: int = 24, seed: int = 0):
+    """``(target, train, projection, runtime)`` of the gradient-store cases: the fit worker's
+    MLP, its data, LoGra projections of every layer to 3 x 4, batches of 8."""
+    target, train = workers.fit_problem(n_train)
+    projection = ik.grads.LayerProjection((3, 4), seed=seed)
+    return target, train, projection, ik.Runtime(batch_size=8, progress=False)
+
+
+def _gradient_cases(root: Path) -> list[StoreCase]:
+    """A projected gradient store (float32 rows), loaded with ``GradientStore.load`` (every row
+    read and verified) and resumed with ``build_gradient_store``; the twin projects with
+    another seed (the same shapes, other rows)."""
+    from influencekit.scoring import build_gradient_store
+
+    def build(folder, seed=0):
+        target, train, projection, runtime = gradient_problem(seed=seed)
+        return build_gradient_store(folder, target, train, projection, runtime)
+
+    folder, twin = root / "gradients", root / "gradients-twin"
+    build(folder)
+    build(twin, seed=1)
+
+    def load(folder):
+        store = ik.storage.GradientStore.load(folder)
+        return store.config, torch.cat([rows for _, rows in store.iter_blocks(10)])
+
+    def resume(folder):
+        store = build(folder)
+        return store.config, store.rows(0, store.n_train)
+
+    def same(a, b):
+        return a[0] == b[0] and _equal(a[1], b[1])
+
+    files = tuple(f"gradients/{file}" for file in ("meta.json", "values.npy", "checksums.npy"))
+    return [StoreCase("GradientStore.load (every row)", folder, twin, files, load, same),
+            StoreCase("build_gradient_store (resume)", folder, twin, files, resume, same)]
+
+
+RUN_STORE_FILES = ("config.json", "run.json", "trust.json", "figures/figures.json",
+                   "figures/extra.png", "scores/manifest.json", "scores/tensors.safetensors")
+
+
+def write_run_store(folder: Path, seed: int = 0) -> None:
+    """A run store as `fit`, `score`, `eval --trust` and the demo leave it (config, run record,
+    scores, trust report, one extra figure), with made-up numbers; ``seed`` varies them."""
+    from influencekit.diagnostics import Finding, TrustReport
+    from influencekit.report import RunStore
+
+    gen = torch.Generator().manual_seed(seed)
+    store = RunStore(folder)
+    store.write_config({"method": {"name": "Exact", "damping": 10.0 ** -(seed + 2)},
+                        "data": {"name": "digits", "n_train": 40}, "runtime": {"dtype": "float64"}})
+    scores = torch.randn(3, 40, generator=gen, dtype=torch.float64)
+    order = scores.argsort(dim=1, descending=True)
+    store.write("scores", {"scores": scores, "helpful_index": order[:, :5],
+                           "helpful_score": scores.gather(1, order[:, :5])},
+                {"n_query": 3, "n_train": 40, "k": 5, "query_ids": ["q0", "q1", "q2"]})
+    store.write_trust(TrustReport([Finding("convexity", "negative curvature mass",
+                                           0.01 * (seed + 1), "pass", "pass <= 0.05")],
+                                  {"seed": seed}))
+    png = b"\x89PNG\r\n\x1a\n" + torch.randint(0, 256, (200,), generator=gen,
+                                                     dtype=torch.uint8).numpy().tobytes()
+    store.figure_path("extra.png").write_bytes(png)
+    store.add_figure("extra.png", "An extra figure", f"made up (seed {seed})")
+    store.record_command("score", {"fit": 0.5 + seed, "score": 0.25}, {"n_train": 40})
+
+
+def load_run_store(folder: Path):
+    """Everything `influencekit report` reads of a run store, and the CLI's config."""
+    from influencekit.cli.config import load_config
+    from influencekit.report import RunStore
+
+    store = RunStore(folder)
+    record = store.run_record()
+    record.pop("versions")
+    tensors, manifest = store.read("scores")
+    return (store.config(), load_config(folder), record, tensors, manifest,
+            store.trust().to_json(), store.figures())
+
+
+def _run_store_cases(root: Path) -> list[StoreCase]:
+    folder, twin = root / "run", root / "run-twin"
+    write_run_store(folder)
+    write_run_store(twin, seed=1)
+
+    def same(a, b):
+        return (a[:3] == b[:3] and sorted(a[3]) == sorted(b[3])
+                and all(_equal(a[3][k], b[3][k]) for k in a[3]) and a[4:] == b[4:])
+
+    return [StoreCase("RunStore (as the report reads it)", folder, twin, RUN_STORE_FILES,
+                      load_run_store, same)]
+
+
 def build_cases(root: Path) -> list[StoreCase]:
     target, train = _mlp_problem()
     return [_inverse_case(root, ik.Exact, target, train),
             _inverse_case(root, ik.EKFAC, target, train), *_results_cases(root),
-            *_score_cases(root)]
+            *_score_cases(root), *_fit_store_cases(root), *_gradient_cases(root),
+            *_run_store_cases(root)]
 
 
 # -- the corruptions ------------------------------------------------------------------------------
