@@ -207,23 +207,12 @@ def _fit_store_cases(root: Path) -> list[StoreCase]:
     return cases
 
 
-def gradient_problem(n_train: int = 24, seed: int = 0):
-    """``(target, train, projection, runtime)`` of the gradient-store cases: the fit worker's
-    MLP, its data, LoGra projections of every layer to 3 x 4, batches of 8."""
-    target, train = workers.fit_problem(n_train)
-    projection = ik.grads.LayerProjection((3, 4), seed=seed)
-    return target, train, projection, ik.Runtime(batch_size=8, progress=False)
-
-
 def _gradient_cases(root: Path) -> list[StoreCase]:
     """A projected gradient store (float32 rows), loaded with ``GradientStore.load`` (every row
     read and verified) and resumed with ``build_gradient_store``; the twin projects with
     another seed (the same shapes, other rows)."""
-    from influencekit.scoring import build_gradient_store
-
     def build(folder, seed=0):
-        target, train, projection, runtime = gradient_problem(seed=seed)
-        return build_gradient_store(folder, target, train, projection, runtime)
+        return workers.build_gradients(folder, n_train=24, seed=seed)
 
     folder, twin = root / "gradients", root / "gradients-twin"
     build(folder)

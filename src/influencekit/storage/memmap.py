@@ -360,8 +360,8 @@ class ResultsArray:
         for key in ("format", "shape", "dtype"):
             if self.meta[key] != expected[key]:
                 raise StoreError(
-                    f"the results store {self.folder} was made for another run: "
-                    f"{self._path(META)} says {key} "
+                    f"the results store {self.folder} was made for another run "
+                    f"({self._path(META)}): its {META} says {key} "
                     f"{self.meta[key]!r}, this run needs {expected[key]!r}. Use another folder, "
                     "or delete this one to discard its results.")
         stored, wanted = self.meta["config"], expected["config"]
@@ -371,8 +371,8 @@ class ResultsArray:
                              f"{_short(wanted.get(k))}"
                              for k in keys if stored.get(k) != wanted.get(k))
             raise StoreError(
-                f"the results store {self.folder} was made for another run: the config in "
-                f"{self._path(META)} differs ({diff}). Use another folder, or delete this one to "
+                f"the results store {self.folder} was made for another run "
+                f"({self._path(META)}): the config in its {META} differs ({diff}). Use another folder, or delete this one to "
                 "discard its results.")
 
 
