@@ -372,8 +372,8 @@ class ResultsArray:
                              for k in keys if stored.get(k) != wanted.get(k))
             raise StoreError(
                 f"the results store {self.folder} was made for another run "
-                f"({self._path(META)}): the config in its {META} differs ({diff}). Use another folder, or delete this one to "
-                "discard its results.")
+                f"({self._path(META)}): the config in its {META} differs ({diff}). Use another "
+                "folder, or delete this one to discard its results.")
 
 
 def _short(value) -> str:
