@@ -14,11 +14,19 @@ arguments, ``ik.storage.ResultsArray.read``). Each load is counted as:
 - silent: it loaded with DIFFERENT content (goal: 0);
 - other: any other exception (goal: 0).
 
+Corrupted stores also include fit stores (``EKFAC.fit`` / ``Exact.fit`` with ``store=``,
+resumed), projected gradient stores (``GradientStore.load`` and ``build_gradient_store``
+resumed) and the CLI's run store (everything ``influencekit report`` reads, and the config the
+CLI reads back).
+
 Faults (``--faults SEEDS``): the subset-retraining worker
 (``python -m influencekit.testing.workers``) is SIGKILLed at random points ``--kills`` times per
 seed and resumed, and two workers write the even and odd rows of one store at once (one of
 them killed at a random point, then both resumed); every run is checked for lost, changed or
-wrong rows and the final array against an uninterrupted run, bit for bit.
+wrong rows and the final array against an uninterrupted run, bit for bit; the same for the
+score worker (kills, two ranks of one store, two partitions then merged), the fit-store worker
+(EK-FAC) and the gradient-store worker (kill and resume: the gradient store has no
+partitions).
 
 Bad inputs (``--bad-inputs``): every case of :mod:`influencekit.testing.bad_inputs` is tried
 as a user would and its outcome printed as a table (the error class, whether it is the expected
@@ -515,6 +523,83 @@ def _score_fault_row(scenario, seed, runs, ledger, store, reference) -> dict:
             "unreadable_after_a_run": len(ledger.unreadable), "final_identical": identical}
 
 
+def _arrays_reader(folders, rows: int):
+    """A RowLedger ``read`` over results arrays in order (a missing one: rows not done)."""
+    def read():
+        done, values = [], []
+        for folder in folders:
+            if not (folder / "meta.json").exists():
+                done += [False] * rows
+                values += [np.zeros(0)] * rows
+                continue
+            array = ik.storage.ResultsArray.read(folder)
+            done += list(array.done())
+            values += list(array.values())
+        return np.array(done), values
+    return read
+
+
+def _stage_faults(scenario, name, args, parts, rows, final, seeds, kills, zygote, env, tmp):
+    """Kill-and-resume of worker ``name`` per seed; ``parts(folder)``: its results arrays (each
+    of ``rows`` rows); ``final(folder)``: what must be bit-identical to the uninterrupted run."""
+    plain = faults.run_once(workers.command(name, tmp / "uninterrupted", *args),
+                            launcher=zygote)
+    if plain.returncode != 0:
+        raise RuntimeError(f"the uninterrupted run failed:\n{plain.output}")
+    done, values = _arrays_reader(parts(tmp / "uninterrupted"), rows)()
+    reference = np.empty(len(values), dtype=object)  # one entry per row, rows of any length
+    reference[:] = values
+    expected = final(tmp / "uninterrupted")
+    total = len(done)
+    out = []
+    for seed in range(seeds):
+        folder = tmp / f"{name}-kill{seed}"
+        ledger = faults.RowLedger(_arrays_reader(parts(folder), rows), reference)
+        report = faults.kill_and_resume(
+            workers.command(name, folder, *args), kills=kills, seed=seed, after_each=ledger,
+            launcher=zygote, env=env, total=total, unit_seconds=plain.seconds / total,
+            progress=lambda folder=folder: sum(ik.storage.ResultsArray.rows_done(f)
+                                               for f in parts(folder)))
+        try:
+            identical = report.completed and final(folder) == expected
+        except InfluenceKitError:
+            identical = False
+        runs = report.runs
+        out.append({"scenario": scenario, "seed": seed, "runs": len(runs),
+                    "kills": sum(r.killed for r in runs),
+                    "crashed": sum(r.returncode not in (0, -9) for r in runs),
+                    "rows_lost": len(ledger.lost), "rows_wrong": len(ledger.wrong),
+                    "unreadable_after_a_run": len(ledger.unreadable),
+                    "final_identical": identical})
+    return out
+
+
+def run_fit_and_gradient_faults(seeds: int = 5, kills: int = 10) -> list[dict]:
+    """The fit_store worker (EK-FAC of an MLP on 240 examples, 24 chunks per pass, then the
+    saved inverse) and the gradient_store worker (240 projected rows), killed and resumed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+    def inverse_bytes(folder):
+        state = ik.storage.load_inverse(folder / "inverse").state_dict()
+        return {k: v.numpy().tobytes() for k, v in state.items()}
+
+    def gradient_bytes(folder):
+        return ik.storage.ResultsArray.read(folder / "gradients").values().tobytes()
+
+    with tempfile.TemporaryDirectory(prefix="ik-faults-") as tmp, \
+            faults.Zygote(env=env) as zygote:
+        tmp = Path(tmp)
+        rows = _stage_faults(
+            "fit store (EK-FAC): kill and resume", "fit_store", ("--examples", 240),
+            lambda f: [f / "fit" / "factors", f / "fit" / "corrections"], 24, inverse_bytes,
+            seeds, kills, zygote, env, tmp / "fit")
+        rows += _stage_faults(
+            "gradient store: kill and resume", "gradient_store", ("--examples", 240),
+            lambda f: [f / "gradients"], 240, gradient_bytes, seeds, kills, zygote, env,
+            tmp / "gradients")
+    return rows
+
+
 # -- bad inputs and the cost of the stationarity check ------------------------------------------
 def run_bad_inputs() -> list[dict]:
     """One row per case of the bad-input catalogue."""
@@ -650,7 +735,8 @@ def main():
     fault_rows = []
     if args.faults or args.fresh:
         fault_rows = (run_faults(args.faults, args.kills, fresh=args.fresh)
-                      + run_score_faults(args.faults, args.kills))
+                      + run_score_faults(args.faults, args.kills)
+                      + run_fit_and_gradient_faults(args.faults, args.kills))
     bad_rows = run_bad_inputs() if args.bad_inputs else []
     overhead_rows = run_fit_overhead() if args.fit_overhead else []
     if args.json:
