@@ -14,11 +14,19 @@ arguments, ``ik.storage.ResultsArray.read``). Each load is counted as:
 - silent: it loaded with DIFFERENT content (goal: 0);
 - other: any other exception (goal: 0).
 
+Corrupted stores also include fit stores (``EKFAC.fit`` / ``Exact.fit`` with ``store=``,
+resumed), projected gradient stores (``GradientStore.load`` and ``build_gradient_store``
+resumed) and the CLI's run store (everything ``influencekit report`` reads, and the config the
+CLI reads back).
+
 Faults (``--faults SEEDS``): the subset-retraining worker
 (``python -m influencekit.testing.workers``) is SIGKILLed at random points ``--kills`` times per
 seed and resumed, and two workers write the even and odd rows of one store at once (one of
 them killed at a random point, then both resumed); every run is checked for lost, changed or
-wrong rows and the final array against an uninterrupted run, bit for bit.
+wrong rows and the final array against an uninterrupted run, bit for bit; the same for the
+score worker (kills, two ranks of one store, two partitions then merged), the fit-store worker
+(EK-FAC) and the gradient-store worker (kill and resume: the gradient store has no
+partitions).
 
 Bad inputs (``--bad-inputs``): every case of :mod:`influencekit.testing.bad_inputs` is tried
 as a user would and its outcome printed as a table (the error class, whether it is the expected
@@ -178,11 +186,123 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+def _fit_store_cases(root: Path) -> list[StoreCase]:
+    """EK-FAC and Exact fits with a FitStore (chunks of one batch), resumed: a resumed fit reads
+    every stored chunk and must give the same inverse, bit for bit. The twins are the same fits
+    of the same model on other data (the same shapes, other statistics)."""
+    cases = []
+    for method, passes in (("EKFAC", ("factors", "corrections")), ("Exact", ("dense",))):
+        def fit(folder, seed=0, method=method):
+            target, train = workers.fit_problem(40, seed=seed)
+            if seed:  # the twin: the model of seed 0 on the data of another seed
+                target = workers.fit_problem(40)[0]
+            if method == "Exact":  # the last layer's 100 parameters: a quick dense solve
+                target = ik.Target(target.model, ik.ClassificationTask(), params=["4"])
+            runtime = ik.Runtime(batch_size=workers.FIT_BATCH, progress=False)
+            return getattr(ik, method)(damping=1e-2).fit(
+                ik.Curvature(target, train, kind="ggn"), runtime, stationarity=False,
+                store=ik.storage.FitStore(folder, chunk_size=workers.FIT_BATCH))
+
+        folder, twin = root / f"fit-{method}", root / f"fit-{method}-twin"
+        fit(folder)
+        fit(twin, seed=1)
+        files = tuple(f"{name}/{file}" for name in passes
+                      for file in ("meta.json", "values.npy", "checksums.npy"))
+        cases.append(StoreCase(f"{method}.fit(store=) (resume)", folder, twin, files,
+                               lambda folder, fit=fit: fit(folder).state_dict(),
+                               lambda a, b: sorted(a) == sorted(b)
+                               and all(_equal(a[k], b[k]) for k in a)))
+    return cases
+
+
+def _gradient_cases(root: Path) -> list[StoreCase]:
+    """A projected gradient store (float32 rows), loaded with ``GradientStore.load`` (every row
+    read and verified) and resumed with ``build_gradient_store``; the twin projects with
+    another seed (the same shapes, other rows)."""
+    def build(folder, seed=0):
+        return workers.build_gradients(folder, n_train=24, seed=seed)
+
+    folder, twin = root / "gradients", root / "gradients-twin"
+    build(folder)
+    build(twin, seed=1)
+
+    def load(folder):
+        store = ik.storage.GradientStore.load(folder)
+        return store.config, torch.cat([rows for _, rows in store.iter_blocks(10)])
+
+    def resume(folder):
+        store = build(folder)
+        return store.config, store.rows(0, store.n_train)
+
+    def same(a, b):
+        return a[0] == b[0] and _equal(a[1], b[1])
+
+    files = tuple(f"gradients/{file}" for file in ("meta.json", "values.npy", "checksums.npy"))
+    return [StoreCase("GradientStore.load (every row)", folder, twin, files, load, same),
+            StoreCase("build_gradient_store (resume)", folder, twin, files, resume, same)]
+
+
+RUN_STORE_FILES = ("config.json", "run.json", "trust.json", "figures/figures.json",
+                   "figures/extra.png", "scores/manifest.json", "scores/tensors.safetensors")
+
+
+def write_run_store(folder: Path, seed: int = 0) -> None:
+    """A run store as `fit`, `score`, `eval --trust` and the demo leave it (config, run record,
+    scores, trust report, one extra figure), with made-up numbers; ``seed`` varies them."""
+    from influencekit.diagnostics import Finding, TrustReport
+    from influencekit.report import RunStore
+
+    gen = torch.Generator().manual_seed(seed)
+    store = RunStore(folder)
+    store.write_config({"method": {"name": "Exact", "damping": 10.0 ** -(seed + 2)},
+                        "data": {"name": "digits", "n_train": 40}, "runtime": {"dtype": "float64"}})
+    scores = torch.randn(3, 40, generator=gen, dtype=torch.float64)
+    order = scores.argsort(dim=1, descending=True)
+    store.write("scores", {"scores": scores, "helpful_index": order[:, :5],
+                           "helpful_score": scores.gather(1, order[:, :5])},
+                {"n_query": 3, "n_train": 40, "k": 5, "query_ids": ["q0", "q1", "q2"]})
+    store.write_trust(TrustReport([Finding("convexity", "negative curvature mass",
+                                           0.01 * (seed + 1), "pass", "pass <= 0.05")],
+                                  {"seed": seed}))
+    png = b"\x89PNG\r\n\x1a\n" + torch.randint(0, 256, (200,), generator=gen,
+                                                     dtype=torch.uint8).numpy().tobytes()
+    store.figure_path("extra.png").write_bytes(png)
+    store.add_figure("extra.png", "An extra figure", f"made up (seed {seed})")
+    store.record_command("score", {"fit": 0.5 + seed, "score": 0.25}, {"n_train": 40})
+
+
+def load_run_store(folder: Path):
+    """Everything `influencekit report` reads of a run store, and the CLI's config."""
+    from influencekit.cli.config import load_config
+    from influencekit.report import RunStore
+
+    store = RunStore(folder)
+    record = store.run_record()
+    record.pop("versions")
+    tensors, manifest = store.read("scores")
+    return (store.config(), load_config(folder), record, tensors, manifest,
+            store.trust().to_json(), store.figures())
+
+
+def _run_store_cases(root: Path) -> list[StoreCase]:
+    folder, twin = root / "run", root / "run-twin"
+    write_run_store(folder)
+    write_run_store(twin, seed=1)
+
+    def same(a, b):
+        return (a[:3] == b[:3] and sorted(a[3]) == sorted(b[3])
+                and all(_equal(a[3][k], b[3][k]) for k in a[3]) and a[4:] == b[4:])
+
+    return [StoreCase("RunStore (as the report reads it)", folder, twin, RUN_STORE_FILES,
+                      load_run_store, same)]
+
+
 def build_cases(root: Path) -> list[StoreCase]:
     target, train = _mlp_problem()
     return [_inverse_case(root, ik.Exact, target, train),
             _inverse_case(root, ik.EKFAC, target, train), *_results_cases(root),
-            *_score_cases(root)]
+            *_score_cases(root), *_fit_store_cases(root), *_gradient_cases(root),
+            *_run_store_cases(root)]
 
 
 # -- the corruptions ------------------------------------------------------------------------------
@@ -403,6 +523,83 @@ def _score_fault_row(scenario, seed, runs, ledger, store, reference) -> dict:
             "unreadable_after_a_run": len(ledger.unreadable), "final_identical": identical}
 
 
+def _arrays_reader(folders, rows: int):
+    """A RowLedger ``read`` over results arrays in order (a missing one: rows not done)."""
+    def read():
+        done, values = [], []
+        for folder in folders:
+            if not (folder / "meta.json").exists():
+                done += [False] * rows
+                values += [np.zeros(0)] * rows
+                continue
+            array = ik.storage.ResultsArray.read(folder)
+            done += list(array.done())
+            values += list(array.values())
+        return np.array(done), values
+    return read
+
+
+def _stage_faults(scenario, name, args, parts, rows, final, seeds, kills, zygote, env, tmp):
+    """Kill-and-resume of worker ``name`` per seed; ``parts(folder)``: its results arrays (each
+    of ``rows`` rows); ``final(folder)``: what must be bit-identical to the uninterrupted run."""
+    plain = faults.run_once(workers.command(name, tmp / "uninterrupted", *args),
+                            launcher=zygote)
+    if plain.returncode != 0:
+        raise RuntimeError(f"the uninterrupted run failed:\n{plain.output}")
+    done, values = _arrays_reader(parts(tmp / "uninterrupted"), rows)()
+    reference = np.empty(len(values), dtype=object)  # one entry per row, rows of any length
+    reference[:] = values
+    expected = final(tmp / "uninterrupted")
+    total = len(done)
+    out = []
+    for seed in range(seeds):
+        folder = tmp / f"{name}-kill{seed}"
+        ledger = faults.RowLedger(_arrays_reader(parts(folder), rows), reference)
+        report = faults.kill_and_resume(
+            workers.command(name, folder, *args), kills=kills, seed=seed, after_each=ledger,
+            launcher=zygote, env=env, total=total, unit_seconds=plain.seconds / total,
+            progress=lambda folder=folder: sum(ik.storage.ResultsArray.rows_done(f)
+                                               for f in parts(folder)))
+        try:
+            identical = report.completed and final(folder) == expected
+        except InfluenceKitError:
+            identical = False
+        runs = report.runs
+        out.append({"scenario": scenario, "seed": seed, "runs": len(runs),
+                    "kills": sum(r.killed for r in runs),
+                    "crashed": sum(r.returncode not in (0, -9) for r in runs),
+                    "rows_lost": len(ledger.lost), "rows_wrong": len(ledger.wrong),
+                    "unreadable_after_a_run": len(ledger.unreadable),
+                    "final_identical": identical})
+    return out
+
+
+def run_fit_and_gradient_faults(seeds: int = 5, kills: int = 10) -> list[dict]:
+    """The fit_store worker (EK-FAC of an MLP on 240 examples, 24 chunks per pass, then the
+    saved inverse) and the gradient_store worker (240 projected rows), killed and resumed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+    def inverse_bytes(folder):
+        state = ik.storage.load_inverse(folder / "inverse").state_dict()
+        return {k: v.numpy().tobytes() for k, v in state.items()}
+
+    def gradient_bytes(folder):
+        return ik.storage.ResultsArray.read(folder / "gradients").values().tobytes()
+
+    with tempfile.TemporaryDirectory(prefix="ik-faults-") as tmp, \
+            faults.Zygote(env=env) as zygote:
+        tmp = Path(tmp)
+        rows = _stage_faults(
+            "fit store (EK-FAC): kill and resume", "fit_store", ("--examples", 240),
+            lambda f: [f / "fit" / "factors", f / "fit" / "corrections"], 24, inverse_bytes,
+            seeds, kills, zygote, env, tmp / "fit")
+        rows += _stage_faults(
+            "gradient store: kill and resume", "gradient_store", ("--examples", 240),
+            lambda f: [f / "gradients"], 240, gradient_bytes, seeds, kills, zygote, env,
+            tmp / "gradients")
+    return rows
+
+
 # -- bad inputs and the cost of the stationarity check ------------------------------------------
 def run_bad_inputs() -> list[dict]:
     """One row per case of the bad-input catalogue."""
@@ -538,7 +735,8 @@ def main():
     fault_rows = []
     if args.faults or args.fresh:
         fault_rows = (run_faults(args.faults, args.kills, fresh=args.fresh)
-                      + run_score_faults(args.faults, args.kills))
+                      + run_score_faults(args.faults, args.kills)
+                      + run_fit_and_gradient_faults(args.faults, args.kills))
     bad_rows = run_bad_inputs() if args.bad_inputs else []
     overhead_rows = run_fit_overhead() if args.fit_overhead else []
     if args.json:

@@ -3,7 +3,10 @@
 
 - a score store (``stream_scores``: scores, done-mask, manifest, top-k);
 - a fit store (EK-FAC's factor and eigenvalue-correction statistics chunk by chunk, and the
-  fitted inverse), no chunk once written lost or changed.
+  fitted inverse), no chunk once written lost or changed;
+- a projected gradient store (``build_gradient_store``: float32 rows of LoGra-projected
+  per-example gradients), no row once written lost or changed. It has no partitions (a build
+  computes every row not yet done), so there is no two-writer test for it.
 
 Both run on the fault harness (:mod:`influencekit.testing.faults`): the workers of
 :mod:`influencekit.testing.workers`, forked from a :class:`Zygote` that imported torch once,
@@ -171,3 +174,62 @@ def test_dense_fit_store_killed_resumes_bit_identical(tmp_path, zygote):
     assert report.completed and report.kills >= 3
     expected, got = (load_inverse(f / "inverse").state_dict() for f in (reference, killed))
     assert all(got[k].numpy().tobytes() == expected[k].numpy().tobytes() for k in expected)
+
+
+# -- gradient store ---------------------------------------------------------------------------
+def _gradient_reader(store):
+    def read():
+        if not (store / "gradients" / "meta.json").exists():
+            return None
+        array = ResultsArray.read(store / "gradients")
+        return array.done(), array.values()
+    return read
+
+
+def _gradient_kill_campaign(tmp_path, zygote, seed, kills, n_train):
+    """SIGKILL ``build_gradient_store`` at random points (rows land a batch of 10 at a time,
+    their records one by one), resume, and compare with an uninterrupted build bit for bit."""
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    args = ("--examples", n_train)
+    first = run_once(workers.command("gradient_store", reference, *args), env=ENV,
+                     launcher=zygote)
+    assert first.returncode == 0, first.output
+    expected = ResultsArray.read(reference / "gradients")
+    assert expected.complete
+    ledger = RowLedger(_gradient_reader(killed), expected.values())
+    report = kill_and_resume(workers.command("gradient_store", killed, *args), kills=kills,
+                             seed=seed,
+                             progress=lambda: ResultsArray.rows_done(killed / "gradients"),
+                             total=n_train, unit_seconds=first.seconds / n_train, env=ENV,
+                             after_each=ledger, launcher=zygote)
+    assert report.completed, report.runs[-1].output
+    assert all(r.returncode == -signal.SIGKILL for r in report.runs if r.killed)
+    assert ledger.clean, (ledger.lost, ledger.wrong, ledger.unreadable)
+    assert ledger.done_after == sorted(ledger.done_after), ledger.done_after
+    got = ResultsArray.read(killed / "gradients")
+    assert got.complete and got.meta["config"] == expected.meta["config"]
+    assert got.dtype == np.float32
+    assert got.values().tobytes() == expected.values().tobytes()
+    return report, ledger
+
+
+def test_gradient_store_killed_at_random_points_resumes_bit_identical(tmp_path, zygote):
+    report, ledger = _gradient_kill_campaign(tmp_path, zygote, seed=0, kills=3, n_train=240)
+    assert report.kills >= 2
+    assert 0 < ledger.done_after[0] < 240  # the first kill landed inside the work
+    # the uninterrupted worker's rows are the projected gradients computed without a store
+    from influencekit.scoring import iter_projected_gradients
+
+    target, train, projection, runtime = workers.gradient_problem(240)
+    plain = torch.cat([rows for _, rows in iter_projected_gradients(target, train, projection,
+                                                                    runtime)])
+    stored = ResultsArray.read(tmp_path / "reference" / "gradients").values()
+    assert plain.dtype == torch.float64 and plain.shape == stored.shape
+    assert np.array_equal(stored, plain.numpy().astype(np.float32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_gradient_store_many_kills(tmp_path, zygote, seed):
+    report, _ = _gradient_kill_campaign(tmp_path, zygote, seed=seed, kills=10, n_train=600)
+    assert report.kills >= 8

@@ -1,5 +1,6 @@
 """The corruption campaign of benchmarks/reliability.py: every stored file type (inverse stores,
-results arrays, score stores) x every kind of corruption; no load may return different content,
+results arrays, score stores, fit stores, gradient stores, the CLI's run store) x every kind of
+corruption; no load may return different content,
 and every refusal is an InfluenceKitError that names the corrupted file. Reduced (4 bit
 positions per file) in the default suite, the full 40 positions in the slow suite."""
 
@@ -32,6 +33,14 @@ def _check(rows, positions):
                                           "stream_scores (resume, top-k)",
                                           "merge_score_stores (partition 0/2)")
               for name in ("manifest.json", "scores.npy", "checksums.npy")}
+    results = ("meta.json", "values.npy", "checksums.npy")
+    files |= {("EKFAC.fit(store=) (resume)", f"{part}/{name}")
+              for part in ("factors", "corrections") for name in results}
+    files |= {("Exact.fit(store=) (resume)", f"dense/{name}") for name in results}
+    files |= {(store, f"gradients/{name}") for store in ("GradientStore.load (every row)",
+                                                         "build_gradient_store (resume)")
+              for name in results}
+    files |= {("RunStore (as the report reads it)", name) for name in module.RUN_STORE_FILES}
     assert {(r["store"], r["file"]) for r in rows} == files
     assert {(r["store"], r["file"], r["kind"]) for r in rows} == {
         (*f, kind) for f in files for kind in module.KINDS}

@@ -139,14 +139,21 @@ OPEN_SECTIONS = ("task", "method")  # extra keys are constructor arguments
 
 # -- reading and overriding ------------------------------------------------------------------
 def load_config(path: str | Path) -> dict:
-    """Read a ``.toml`` or ``.json`` config; a shipped example name (``digits``) also works."""
+    """Read a ``.toml`` or ``.json`` config; a shipped example name (``digits``) also works.
+
+    A run store's ``config.json`` (a store folder, or that file) is read through
+    :class:`~influencekit.report.RunStore`, which verifies its checksum."""
     path = find_config(path)
-    text = path.read_text()
+    if path.suffix == ".json" and _in_run_store(path):
+        from ..report.store import RunStore
+
+        return RunStore(path.parent).config()
     try:
+        text = path.read_text()
         if path.suffix == ".json":
             return json.loads(text)
         return tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), None, "a valid TOML or JSON file",
                           problem=f"cannot be parsed ({exc})") from exc
 
@@ -155,6 +162,21 @@ def shipped_configs() -> dict[str, Path]:
     """The example configs shipped inside the package, by name."""
     folder = Path(__file__).resolve().parent.parent / "examples" / "configs"
     return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def _in_run_store(path: Path) -> bool:
+    """Whether ``path`` is the ``config.json`` a run store wrote (it carries a checksum, or
+    sits beside the store's other files)."""
+    from ..report.store import CONFIG, PARTITIONS, RUN, TENSOR_PARTS
+
+    if path.name != CONFIG:
+        return False
+    if any((path.parent / name).exists() for name in (RUN, PARTITIONS, *TENSOR_PARTS)):
+        return True
+    try:
+        return '"checksum"' in path.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def find_config(path: str | Path) -> Path:

@@ -17,24 +17,44 @@ Layout (also in ``docs/store.md``)::
       partitions/     partial score stores of `score --partition I/N` (one folder each) and
                       `merged/`, their merge (`influencekit merge`)
 
-Every tensor folder is a ``storage.save_tensors`` folder (safetensors + a JSON manifest with a
-checksum), so a truncated or edited file is detected on load.
+Every file is checksummed and verified on load; every refusal is a
+:class:`~influencekit.errors.StoreError` naming the file and the fix:
+
+- every tensor folder is a ``storage.save_tensors`` folder (safetensors + a JSON manifest that
+  records the sha256 of the tensor file and carries its own checksum);
+- ``config.json``, ``run.json``, ``trust.json`` and ``figures/figures.json`` carry their own
+  checksum (a ``"checksum"`` entry: sha256 of the canonical JSON of the other entries, see
+  :func:`influencekit.storage.files.write_json`) and are written atomically;
+  ``figures/figures.json`` records the sha256 of every PNG it lists;
+- a random ``run_store_id``, drawn when ``config.json`` is first written and kept by every
+  later command, is recorded in each of these JSON files; ``run.json``, ``trust.json`` and
+  ``figures.json`` are refused when theirs is not ``config.json``'s (a file copied from another
+  run store, whose own checksum is valid);
+- ``run.json`` lists the parts the store held when its last command finished (``parts``), so a
+  deleted ``trust.json``, ``figures.json`` or tensor file is refused, not read as "never
+  written"; a store with an ``inverse/`` or ``scores/`` but no ``run.json`` is refused too.
+
+Each file carries its own checksum (there is no store-wide manifest), so the jobs of a
+partitioned run that share a store never race on a common file.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import platform
 import sys
 import time
+import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import StoreError
-from ..storage import load_tensors, save_tensors
+from ..storage import load_tensors, safe_path, save_tensors
+from ..storage.files import read_json, write_json
 
 CONFIG = "config.json"
 RUN = "run.json"
@@ -46,6 +66,12 @@ TRUST = "trust.json"
 FIGURES = "figures"
 REPORT = "report"
 PARTITIONS = "partitions"
+FIGURE_LIST = "figures.json"
+TENSOR_PARTS = (INVERSE, SCORES, EXAMPLES, EVALUATION)
+LISTED_PARTS = (*TENSOR_PARTS, TRUST, f"{FIGURES}/{FIGURE_LIST}")
+"""What ``run.json`` lists in ``parts`` when present: the store refuses to lose one silently."""
+TENSOR_FILES = ("manifest.json", "tensors.safetensors")
+STORE_ID = "run_store_id"
 
 SCORE_TENSORS = {
     "scores": "[n_query, n_train] s = g_qᵀ(C + λI)⁻¹g_m (only when score.top_k = 0)",
@@ -103,8 +129,15 @@ class RunStore:
         return (self.path / CONFIG).is_file()
 
     def write_config(self, config: dict) -> None:
+        """Record ``config`` in config.json, keeping the store's ``run_store_id`` (a new one
+        when there is no readable config.json)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_json(self.path / CONFIG, config)
+        try:
+            store_id = self._store_id()
+        except StoreError:  # a corrupt config.json is being replaced
+            store_id = None
+        write_json(self.path / CONFIG, {**_clean(config),
+                                        STORE_ID: store_id or uuid.uuid4().hex})
 
     def prepare(self, config: dict, fit_keys, overwrite: bool = False) -> None:
         """Make the store ready for a command of ``config``: refuse (``StoreError``) when it
@@ -132,72 +165,170 @@ class RunStore:
             shutil.rmtree(self.path / name, ignore_errors=True)
 
     def config(self) -> dict:
+        """The run's resolved config (``config.json``, checksum verified)."""
         path = self.path / CONFIG
-        if not path.is_file():
+        if not path.exists():
             raise StoreError(f"{self.path} is not a run store: it has no {CONFIG}. Create one "
                              "with `influencekit fit CONFIG --store "
                              f"{self.path}`.")
-        return json.loads(path.read_text())
+        config = read_json(path, self._fix(CONFIG))
+        config.pop(STORE_ID, None)
+        return config
 
     def run_record(self) -> dict:
+        """``run.json`` (checksum verified). A store that holds no command's output yet gives an
+        empty record; one whose ``inverse/`` or ``scores/`` exists but has no ``run.json`` is
+        refused (it was deleted)."""
         path = self.path / RUN
-        if not path.is_file():
+        if not path.exists():
+            written = [p for p in (INVERSE, SCORES) if (self.path / p).exists()]
+            if written:
+                raise StoreError(f"{path} is missing although the store holds {written}: it was "
+                                 f"deleted; {self._fix(RUN)}")
             return {"versions": versions(), "commands": {}}
-        return json.loads(path.read_text())
+        return self._read_own(RUN)
 
     def record_command(self, command: str, timings: dict[str, float], facts: dict) -> None:
-        """Add ``command``'s stage timings (seconds) and facts to run.json."""
-        record = self.run_record()
+        """Add ``command``'s stage timings (seconds) and facts to run.json, and the list of
+        parts the store now holds. A corrupt run.json is replaced (with a warning): the
+        command's own output is already written and checked."""
+        try:
+            record = self._read_own(RUN) if (self.path / RUN).exists() else {}
+        except StoreError as exc:
+            warnings.warn(f"{exc} It is replaced by a new record of this command.",
+                          stacklevel=2)
+            record = {}
         record["versions"] = versions()
         record.setdefault("commands", {})[command] = {
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "facts": _clean(facts),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _write_json(self.path / RUN, record)
+        record["parts"] = [p for p in LISTED_PARTS if (self.path / p).exists()]
+        self._write_own(RUN, _clean(record))
 
     # -- tensor folders ----------------------------------------------------------------------
     def write(self, part: str, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
         save_tensors(self.path / part, tensors, {"kind": part, **_clean(manifest)})
 
     def read(self, part: str) -> tuple[dict[str, torch.Tensor], dict]:
+        self._check_listed(part)
         return load_tensors(self.path / part)
 
     def has(self, part: str) -> bool:
-        return (self.path / part / "manifest.json").is_file() or (self.path / part).is_file()
+        """Whether the tensor folder ``part`` was written: it holds either of its files (one
+        alone is refused by :meth:`read`); raises when ``run.json`` lists it but it is gone."""
+        folder = self.path / part
+        if folder.is_dir() and any((folder / name).exists() for name in TENSOR_FILES):
+            return True
+        self._check_listed(part)
+        return False
 
     # -- trust report ------------------------------------------------------------------------
     def write_trust(self, report) -> None:
-        _write_json(self.path / TRUST, report.to_json())
+        self._write_own(TRUST, _clean(report.to_json()))
 
     def trust(self):
         """The stored :class:`~influencekit.diagnostics.TrustReport`, or None."""
         from ..diagnostics import Finding, TrustReport
 
         path = self.path / TRUST
-        if not path.is_file():
+        if not path.exists():
+            self._check_listed(TRUST)
             return None
-        data = json.loads(path.read_text())
-        findings = [Finding(**{**f, "value": math.nan if f["value"] is None else f["value"]})
-                    for f in data["findings"]]
-        return TrustReport(findings, data.get("context", {}))
-
+        data = self._read_own(TRUST)
+        try:
+            findings = [Finding(**{**f, "value": math.nan if f["value"] is None
+                                   else f["value"]}) for f in data["findings"]]
+            return TrustReport(findings, data.get("context", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{path} is not a trust report of this influencekit ({exc!r}); "
+                             f"{self._fix(TRUST)}") from exc
 
     # -- extra figures -----------------------------------------------------------------------
     def figure_path(self, name: str) -> Path:
         """Where to save an extra figure's PNG before :meth:`add_figure`."""
         folder = self.path / FIGURES
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / name
+        return safe_path(folder, name)
 
     def add_figure(self, name: str, title: str, caption: str) -> None:
-        """List ``figures/<name>`` (already saved) with its title and caption."""
+        """List ``figures/<name>`` (already saved) with its title, caption and sha256."""
+        data = self.figure_path(name).read_bytes()
         listing = [f for f in self.figures() if f["file"] != name]
-        listing.append({"file": name, "title": title, "caption": caption})
-        _write_json(self.path / FIGURES / "figures.json", listing)
+        listing.append({"file": name, "title": title, "caption": caption,
+                        "sha256": hashlib.sha256(data).hexdigest()})
+        self._write_own(f"{FIGURES}/{FIGURE_LIST}", {"figures": listing})
 
     def figures(self) -> list[dict]:
-        path = self.path / FIGURES / "figures.json"
-        return json.loads(path.read_text()) if path.is_file() else []
+        """The extra figures ``[{"file", "title", "caption", "sha256"}]``, each PNG verified."""
+        name = f"{FIGURES}/{FIGURE_LIST}"
+        path = self.path / FIGURES / FIGURE_LIST
+        if not path.exists():
+            self._check_listed(name)
+            return []
+        listing = self._read_own(name).get("figures")
+        if not isinstance(listing, list) or not all(isinstance(f, dict) for f in listing):
+            raise StoreError(f"{path} holds no list of figures; {self._fix(name)}")
+        for figure in listing:
+            self._check_figure(figure, path)
+        return listing
+
+    def _check_figure(self, figure: dict, listing: Path) -> None:
+        source = safe_path(self.path / FIGURES, figure.get("file"))
+        fix = f"save that figure again (RunStore.add_figure) or remove it from {listing}."
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"{source}, listed in {listing}, cannot be read ({exc}); "
+                             f"{fix}") from exc
+        if hashlib.sha256(data).hexdigest() != figure.get("sha256"):
+            raise StoreError(f"{source} does not match the sha256 recorded in {listing} "
+                             f"(truncated, modified or replaced); {fix}")
+
+    # -- checks ------------------------------------------------------------------------------
+    def _store_id(self) -> str | None:
+        """config.json's ``run_store_id`` (None when there is no config.json)."""
+        path = self.path / CONFIG
+        if not path.exists():
+            return None
+        return read_json(path, self._fix(CONFIG)).get(STORE_ID)
+
+    def _write_own(self, name: str, record: dict) -> None:
+        """Write the JSON file ``name`` (relative to the store) with the store's id."""
+        store_id = self._store_id()
+        if store_id is None:
+            raise StoreError(f"{self.path} has no {CONFIG}: write the config first "
+                             "(RunStore.write_config).")
+        write_json(self.path / name, {**record, STORE_ID: store_id})
+
+    def _read_own(self, name: str) -> dict:
+        """Read the JSON file ``name``; refuse it when it belongs to another run store."""
+        path = self.path / name
+        record = read_json(path, self._fix(name))
+        theirs, ours = record.pop(STORE_ID, None), self._store_id()
+        if theirs != ours:
+            raise StoreError(f"{path} and {self.path / CONFIG} belong to different run stores "
+                             f"(run_store_id {_short_id(theirs)} against {_short_id(ours)}): one "
+                             f"of them was copied from another store; {self._fix(name)}")
+        return record
+
+    def _fix(self, name: str) -> str:
+        return (f"the run store's {name} is corrupt: run the command that writes it again "
+                f"(`influencekit fit/score/eval --store {self.path}`; `--overwrite` starts the "
+                "run afresh).")
+
+    def _check_listed(self, part: str) -> None:
+        """Refuse when run.json says the store held ``part`` but it is gone."""
+        path = self.path / RUN
+        if not path.exists() or (self.path / part).exists():
+            return
+        if part in read_json(path, self._fix(RUN)).get("parts", []):
+            raise StoreError(f"{self.path / part} is missing although {path} lists it among "
+                             f"the parts written: it was deleted; {self._fix(part)}")
+
+
+def _short_id(value) -> str:
+    return repr(value[:8] + "...") if isinstance(value, str) else repr(value)
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -232,9 +363,3 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(value), indent=2, sort_keys=True))
-    tmp.replace(path)

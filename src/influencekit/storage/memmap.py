@@ -337,7 +337,8 @@ class ResultsArray:
     def _corrupt_message(self, bad: list[int]) -> str:
         shown = ", ".join(str(r) for r in bad[:10]) + (" ..." if len(bad) > 10 else "")
         return (f"{len(bad)} done row(s) of {self._path(VALUES)} do not match their checksums "
-                f"in {CHECKSUMS} (rows {shown}): {VALUES}, {CHECKSUMS} or {META} was modified, "
+                f"in {self._path(CHECKSUMS)} (rows {shown}): {VALUES}, {CHECKSUMS} or "
+                f"{self._path(META)} was modified, "
                 f"corrupted or comes from another store. Open it with ResultsArray.open(..., "
                 f"discard_corrupt=True) to compute those rows again, or {_DELETE}.")
 
@@ -359,8 +360,8 @@ class ResultsArray:
         for key in ("format", "shape", "dtype"):
             if self.meta[key] != expected[key]:
                 raise StoreError(
-                    f"the results store {self.folder} was made for another run: its {META} "
-                    f"says {key} "
+                    f"the results store {self.folder} was made for another run "
+                    f"({self._path(META)}): its {META} says {key} "
                     f"{self.meta[key]!r}, this run needs {expected[key]!r}. Use another folder, "
                     "or delete this one to discard its results.")
         stored, wanted = self.meta["config"], expected["config"]
@@ -370,9 +371,9 @@ class ResultsArray:
                              f"{_short(wanted.get(k))}"
                              for k in keys if stored.get(k) != wanted.get(k))
             raise StoreError(
-                f"the results store {self.folder} was made for another run: the config in "
-                f"its {META} differs ({diff}). Use another folder, or delete this one to "
-                "discard its results.")
+                f"the results store {self.folder} was made for another run "
+                f"({self._path(META)}): the config in its {META} differs ({diff}). Use another "
+                "folder, or delete this one to discard its results.")
 
 
 def _short(value) -> str:
@@ -413,7 +414,7 @@ def _load_meta(folder: Path) -> dict:
     if not path.exists():
         if folder.is_dir() and any(folder.iterdir()):
             raise StoreError(f"{folder} holds files but no {META}: it is not a results store, or "
-                             f"its {META} was deleted; {_DELETE}.")
+                             f"{path} was deleted; {_DELETE}.")
         raise StoreError(f"no results store at {folder} (no {META}); create it with "
                          "ResultsArray.open(folder, shape, dtype, config).")
     meta = read_json(path, f"the results store is corrupt: {_DELETE}.")

@@ -102,8 +102,9 @@ def create_staged(folder: Path, marker: str, build: Callable[[Path], None], fix:
     holding files but no ``marker`` is refused with :class:`StoreError`.
     """
     def not_a_store():
-        return StoreError(f"{folder} holds files but no {marker}: it is not a store, or its "
-                          f"{marker} was deleted. Use an empty folder, or {fix}.")
+        return StoreError(f"{folder} holds files but no {marker}: it is not a store, or "
+                          f"{safe_path(folder, marker)} was deleted. Use an empty folder, or "
+                          f"{fix}.")
 
     if folder.is_dir() and any(folder.iterdir()) and not safe_path(folder, marker).exists():
         raise not_a_store()

@@ -7,6 +7,7 @@
     python -m influencekit.testing.workers score_store FOLDER
     python -m influencekit.testing.workers fit_store FOLDER [--method KFAC|EKFAC|Exact]
         [--examples N] [--chunk C]
+    python -m influencekit.testing.workers gradient_store STORE [--examples N]
 
 - ``subset_retraining``: :func:`influencekit.response.subset_retraining` of a small
   L2-regularised logistic regression (float64, L-BFGS to a gradient tolerance: deterministic, so
@@ -25,6 +26,10 @@
 - ``fit_store``: an EK-FAC (or K-FAC, Exact) fit of :func:`fit_problem` with a
   :class:`~influencekit.storage.FitStore` in ``FOLDER/fit`` (chunks of ``C`` examples, default
   one batch of 10); the fitted inverse is saved to ``FOLDER/inverse`` at the end.
+- ``gradient_store``: :func:`influencekit.scoring.build_gradient_store` of
+  :func:`gradient_problem` (the fit worker's MLP, every layer's gradient projected to 3 x 4,
+  float64 compute, float32 rows, batches of 10) into the gradient store ``STORE``. The store
+  has no partitions: ``build_gradient_store`` computes every row not yet done.
 
 Only the public API is used; every worker is deterministic (float64, one thread), so an
 interrupted and resumed run can be compared bit for bit with an uninterrupted one. Add a worker
@@ -207,6 +212,29 @@ def fit_store(folder, method: str = "EKFAC", n_train: int = 240, chunk: int | No
     ik.storage.save_inverse(folder / "inverse", inverse)
 
 
+GRADIENT_BATCH = 10
+
+
+def gradient_problem(n_train: int = 240, seed: int = 0):
+    """``(target, train, projection, runtime)`` of the gradient-store worker: the fit worker's
+    float64 MLP and data, LoGra projections of every layer to 3 x 4 (``seed``), batches of
+    10."""
+    import influencekit as ik
+
+    target, train = fit_problem(n_train)
+    projection = ik.grads.LayerProjection((3, 4), seed=seed)
+    return target, train, projection, ik.Runtime(batch_size=GRADIENT_BATCH, progress=False)
+
+
+def build_gradients(store, n_train: int = 240, seed: int = 0, problem=None):
+    """The gradient-store worker's build into ``store`` (``problem``: :func:`gradient_problem`'s,
+    built when None); returns the :class:`~influencekit.storage.GradientStore`."""
+    from influencekit.scoring import build_gradient_store
+
+    target, train, projection, runtime = problem or gradient_problem(n_train, seed)
+    return build_gradient_store(store, target, train, projection, runtime, dtype="float32")
+
+
 def command(name: str, *args: str) -> list[str]:
     """The argv that runs worker ``name`` in a fresh Python process."""
     return [sys.executable, "-m", "influencekit.testing.workers", name, *map(str, args)]
@@ -232,6 +260,9 @@ def main(argv=None) -> None:
     fit.add_argument("--method", choices=("KFAC", "EKFAC", "Exact"), default="EKFAC")
     fit.add_argument("--examples", type=int, default=240)
     fit.add_argument("--chunk", type=int)
+    gradients = sub.add_parser("gradient_store")
+    gradients.add_argument("store")
+    gradients.add_argument("--examples", type=int, default=240)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     # Imports before the checkpoint, so that kills land in the work (torch.optim imports
@@ -250,6 +281,10 @@ def main(argv=None) -> None:
         score_store(args.folder)  # calls checkpoint() once its problem is built
     elif args.worker == "fit_store":
         fit_store(args.folder, args.method, args.examples, args.chunk)
+    elif args.worker == "gradient_store":
+        problem = gradient_problem(args.examples)  # built before the kill clock starts
+        checkpoint()
+        build_gradients(args.store, problem=problem)
 
 
 if __name__ == "__main__":
