@@ -526,6 +526,8 @@ def cost_section(spec: dict, args, folder: Path, log, throughput: bool) -> list[
     methods = [{"name": "EKFAC"}]
     if not args.skip_kronfluence:
         methods.append({"name": "kronfluence_ekfac"})
+    if args.cost_methods:
+        methods = [m for m in methods if m["name"] in args.cost_methods.split(",")]
     results = {}
     for method in methods:
         log(f"cost: {spec['task']} {method['name']} (float32) ...")
@@ -640,6 +642,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--skip-kronfluence", action="store_true")
+    p.add_argument("--cost-methods", default="",
+                   help="comma list: run only these methods of the cost section (EKFAC, "
+                        "kronfluence_ekfac), e.g. one per invocation when a long run is split")
     p.add_argument("--pbrf-k", type=int, default=12)
     p.add_argument("--quality-modules", choices=("mlp", "all"), default="mlp",
                    help="modules of the quality section (the exact blocks cost ~1 s per "
