@@ -10,8 +10,10 @@ curvature block of the mean training loss is approximated in the layer's gradien
 
 ``A``, ``S`` and the corrections are defined in :mod:`influencekit.curvature.kfac` (scale: the
 curvature of the MEAN loss, like ``Curvature.dense``). Cross-layer blocks are zero. Factors are
-eigendecomposed in float64. An :class:`~influencekit.L2Regularizer` adds its strength to every
-eigenvalue of the layers it covers (∇²R = strength · I); other regularisers are refused.
+accumulated and eigendecomposed in float64, one layer at a time; the fitted eigenbases and
+eigenvalues are then held in the fit's compute dtype, at least float32 (:func:`fitted_dtype`).
+An :class:`~influencekit.L2Regularizer` adds its strength to every eigenvalue of the layers it
+covers (∇²R = strength · I); other regularisers are refused.
 
 Large runs: under a Runtime with several processes (``Runtime(context=DistContext.from_env())``)
 the factor and correction passes are split over the processes' shares of the training data and
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ..curvature.kfac import eigenvalue_corrections, factors_of, kronecker_statistics
+from ..curvature.kfac import eigenvalue_corrections, kronecker_statistics, pop_factors
 from ..curvature.labels import LabelSets, resolve_label_mode
 from ..curvature.statistics import store_config
 from ..errors import InfluenceKitError, UnsupportedModuleError
@@ -73,7 +75,9 @@ class _KroneckerInverse(InverseCurvature):
                       "labels": mode, "n_samples": self.n_samples, "seed": self.seed}
         sums = kronecker_statistics(curvature, runtime, layers, self._labels(mode), store,
                                     config)
-        decompositions = _eigendecompositions(factors_of(sums, layers), layers, runtime.dist)
+        n_examples = sums.examples
+        decompositions = _eigendecompositions(sums, layers, runtime.dist)  # empties sums
+        del sums
         self.a_eigenvalues_, self.a_eigenvectors_ = [], []
         self.s_eigenvalues_, self.s_eigenvectors_ = [], []
         for layer in layers:
@@ -88,7 +92,7 @@ class _KroneckerInverse(InverseCurvature):
             lam = eigenvalue_corrections(curvature, runtime, layers, self._labels(mode), bases,
                                          store, config)
             self.corrected_eigenvalues_ = [lam[layer.name] for layer in layers]
-        self.fit_info_.update(n_examples=sums.examples)
+        self.fit_info_.update(n_examples=n_examples)
         self.fit_info_.update(labels=mode, layers=[layer.to_dict() for layer in layers])
         means = [float(self._eigenvalues(i).mean()) for i in range(len(layers))]
         dampings = [0.1 * m if self.damping == "auto" else float(self.damping) for m in means]
@@ -101,6 +105,13 @@ class _KroneckerInverse(InverseCurvature):
             min_eigenvalue={layer.name: float(self._eigenvalues(i).min())
                             for i, layer in enumerate(layers)})
         self._check_invertible()
+        self._cast_state(fitted_dtype(compute_dtype(target, runtime)))
+
+    def _cast_state(self, dtype: torch.dtype) -> None:
+        """Hold the per-layer eigenbases and eigenvalues in ``dtype`` (see :func:`fitted_dtype`;
+        ``layer_damping_`` and ``regularizer_shift_`` stay float64)."""
+        for attr in self._per_layer_names():
+            setattr(self, attr, [t.to(dtype) for t in getattr(self, attr)])
 
     def _labels(self, mode):
         return LabelSets(mode, self.n_samples, self.seed)
@@ -162,10 +173,10 @@ class _KroneckerInverse(InverseCurvature):
         for i, idx in enumerate(self._indices()):
             flat_idx = idx.reshape(-1).to(grads.device)
             block = grads[:, flat_idx].to(device=device, dtype=F64).reshape(-1, *idx.shape)
-            qa, qs = self.a_eigenvectors_[i], self.s_eigenvectors_[i]
+            qa, qs = self.a_eigenvectors_[i].to(F64), self.s_eigenvectors_[i].to(F64)
             rotated = qs.T @ block @ qa                                        # [k, d_out, width]
             shift = self.regularizer_shift_[i] + self.layer_damping_[i]
-            rotated = rotated / (self._eigenvalues(i) + shift)
+            rotated = rotated / (self._eigenvalues(i).to(F64) + shift)
             solved = (qs @ rotated @ qa.T).reshape(grads.shape[0], -1)
             out[:, flat_idx] = solved.to(device=grads.device, dtype=grads.dtype)
         return out
@@ -180,8 +191,8 @@ class _KroneckerInverse(InverseCurvature):
         device = self.a_eigenvectors_[0].device
         out = torch.zeros(p, p, dtype=F64, device=device)
         for i, idx in enumerate(self._indices()):
-            q = torch.kron(self.s_eigenvectors_[i], self.a_eigenvectors_[i])
-            e = self._eigenvalues(i).reshape(-1) + self.regularizer_shift_[i]
+            q = torch.kron(self.s_eigenvectors_[i].to(F64), self.a_eigenvectors_[i].to(F64))
+            e = self._eigenvalues(i).to(F64).reshape(-1) + self.regularizer_shift_[i]
             flat = idx.reshape(-1).to(device)
             out[flat[:, None], flat[None, :]] = (q * e) @ q.T
         return out
@@ -194,7 +205,7 @@ class _KroneckerInverse(InverseCurvature):
     def solve_per_parameter(self, grads, runtime=None):
         """Layer by layer in the ``[d_out, width]`` layout: ``Q_S ((Q_Sᵀ G Q_A) / (Λ + λ)) Q_Aᵀ``
         (see :meth:`InverseCurvature.solve_per_parameter`). Computed in the gradients' dtype
-        (at least float32) from the float64 eigenbases; nothing of size ``[k, p]`` is formed."""
+        (at least float32) from the fitted eigenbases; nothing of size ``[k, p]`` is formed."""
         self.check_fitted()
         space = self.param_space_
         check_parameter_grads(space, grads, self.parameter_blocks_())
@@ -289,20 +300,31 @@ class EKFAC(_KroneckerInverse):
     corrected = True
 
 
-def _eigendecompositions(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                         layers: list[Layer], dist) -> dict[str, tuple[torch.Tensor, ...]]:
-    """``{layer: (a_values, a_vectors, s_values, s_vectors)}`` (float64), each layer's two
+def fitted_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype K-FAC / EK-FAC hold their fitted eigenbases and eigenvalues in: the fit's
+    compute dtype, at least float32 (statistics and eigendecompositions are float64 either
+    way; a float32 fit keeps half the bytes, a float64 fit keeps float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _eigendecompositions(sums, layers: list[Layer], dist) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``{layer: (a_values, a_vectors, s_values, s_vectors)}`` (float64) from the statistics
+    ``sums`` (:func:`~influencekit.curvature.kfac.kronecker_statistics`), each layer's two
     eigendecompositions computed by the process that owns the layer (owners balance the cost
-    ``width³ + d_out³``) and broadcast, so every process holds the same bits."""
+    ``width³ + d_out³``) and broadcast, so every process holds the same bits. ``sums.values``
+    is emptied layer by layer as the factors are decomposed (one copy of the statistics)."""
     names = [layer.name for layer in layers]
     costs = [float(layer.width) ** 3 + float(layer.d_out) ** 3 for layer in layers]
     owned = {}
     for name in dist.for_modules(names, costs):
-        a, s = factors[name]
+        a, s = pop_factors(sums, name)
         ea, qa = torch.linalg.eigh(a)
+        del a
         es, qs = torch.linalg.eigh(s)
+        del s
         for part, tensor in zip(_PARTS, (ea, qa, es, qs), strict=True):
             owned[f"{name}/{part}"] = tensor.contiguous()
+    sums.values.clear()  # the layers other processes own
     owners = dist.module_owners(names, costs)
     shared = dist.broadcast_from_owners(owned, {f"{name}/{part}": owners[name]
                                                 for name in names for part in _PARTS})
