@@ -158,27 +158,30 @@ class _KroneckerInverse(InverseCurvature):
         return torch.outer(self.s_eigenvalues_[i], self.a_eigenvalues_[i])
 
     def _indices(self) -> list[torch.Tensor]:
-        """``[d_out, width]`` flat positions of each layer (computed once per fit/load)."""
-        cached = getattr(self, "_index_cache", None)
-        if cached is None or cached[0] is not self.fit_info_:
-            space = self.param_space_
-            cached = (self.fit_info_, [layer_index(layer, space) for layer in self.layers_])
-            self._index_cache = cached
-        return cached[1]
+        """``[d_out, width]`` flat positions of each layer (int64; built on each call and not
+        kept: a cache would hold 8 bytes per parameter for as long as the inverse lives)."""
+        space = self.param_space_
+        return [layer_index(layer, space) for layer in self.layers_]
 
     # -- applying -----------------------------------------------------------------------------
     def _solve(self, grads, runtime=None):
+        """Layer by layer on views of ``grads`` ``[k, p]`` (no index tensors), in float64."""
         device = self.a_eigenvectors_[0].device
+        space = self.param_space_
+        shapes = dict(zip(space.names, space.shapes, strict=True))
+        rows = space.unflatten(grads)
         out = torch.empty_like(grads)
-        for i, idx in enumerate(self._indices()):
-            flat_idx = idx.reshape(-1).to(grads.device)
-            block = grads[:, flat_idx].to(device=device, dtype=F64).reshape(-1, *idx.shape)
+        out_rows = space.unflatten(out)
+        for i, layer in enumerate(self.layers_):
+            block = layer_matrix(layer, rows).to(device=device, dtype=F64)  # [k, d_out, width]
             qa, qs = self.a_eigenvectors_[i].to(F64), self.s_eigenvectors_[i].to(F64)
-            rotated = qs.T @ block @ qa                                        # [k, d_out, width]
+            rotated = qs.T @ block @ qa
+            del block
             shift = self.regularizer_shift_[i] + self.layer_damping_[i]
             rotated = rotated / (self._eigenvalues(i).to(F64) + shift)
-            solved = (qs @ rotated @ qa.T).reshape(grads.shape[0], -1)
-            out[:, flat_idx] = solved.to(device=grads.device, dtype=grads.dtype)
+            solved = qs @ rotated @ qa.T
+            for name, value in layer_parameters(layer, solved, shapes).items():
+                out_rows[name].copy_(value)
         return out
 
     def matrix(self) -> torch.Tensor:
