@@ -105,14 +105,17 @@ def _token_counts(mask: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_each(target, lp, outputs, batch, label_sets, layers, acts, masks, w, start):
-    for labels, probs in label_sets:
+    label_sets = list(label_sets)
+    for i, (labels, probs) in enumerate(label_sets):
         losses = target.loss_from_outputs(outputs, batch, labels)
         if not torch.isfinite(losses).all():
             i = int((~torch.isfinite(losses)).nonzero()[0, 0])
             raise NonFiniteError(f"the loss of example {start + i} is not finite while computing "
                                  "K-FAC statistics; check its inputs and label or use float64.",
                                  index=start + i)
-        out_grads = lp.backward(losses, retain_graph=True)
+        # the graph is kept only while another label set needs it: the last backward frees
+        # the forward's saved tensors as it goes
+        out_grads = lp.backward(losses, retain_graph=i < len(label_sets) - 1)
         grads = {}
         for layer in layers:
             g = out_grads[layer.name]

@@ -186,14 +186,16 @@ class CausalLMTask(Task):
 
         Probabilities in float64, a few positions at a time (``SAMPLE_CHUNK`` elements of the
         ``[B, T-1, vocab]`` logits): a large vocabulary's float64 copy is never formed whole."""
-        logits = outputs[:, :-1].detach()
-        flat = logits.reshape(-1, logits.shape[-1])
-        step = max(1, SAMPLE_CHUNK // max(1, flat.shape[1]))
+        logits = outputs.detach()
+        length, vocab = logits.shape[1] - 1, logits.shape[-1]
+        step = max(1, SAMPLE_CHUNK // max(1, vocab))
+        if length < 1:  # one token: nothing is predicted
+            return targets.clone()
         draws = torch.cat([
-            torch.multinomial(flat[lo:lo + step].softmax(dim=-1, dtype=torch.float64).cpu(), 1,
-                              generator=generator)[:, 0]
-            for lo in range(0, flat.shape[0], step)])
-        drawn = draws.reshape(logits.shape[:2]).to(targets.device)
+            torch.multinomial(logits[b, lo:min(lo + step, length)].softmax(
+                dim=-1, dtype=torch.float64).cpu(), 1, generator=generator)[:, 0]
+            for b in range(logits.shape[0]) for lo in range(0, length, step)])
+        drawn = draws.reshape(logits.shape[0], length).to(targets.device)
         sampled = targets.clone()
         scored = targets[:, 1:] != IGNORE_INDEX
         sampled[:, 1:] = torch.where(scored, drawn, targets[:, 1:])
