@@ -465,3 +465,48 @@ def test_float32_runtime_within_dtype_tolerance():
     f32 = ik.EKFAC(damping=1e-2).fit(curvature, ik.Runtime(dtype=torch.float32)).matrix()
     assert f32.dtype == F64
     torch.testing.assert_close(f32, f64, rtol=1e-4, atol=1e-6 * float(f64.abs().max()))
+
+
+@pytest.mark.parametrize("method", [ik.KFAC, ik.EKFAC])
+def test_fitted_state_dtype_follows_the_compute_dtype(method):
+    """A float32 fit holds its eigenbases and eigenvalues in float32 (half the bytes of
+    float64), a float64 fit in float64; damping and regulariser shifts stay float64. The float32
+    state solves like the float64 fit's within float32 rounding."""
+    target, data = _mlp_problem(7)
+    curvature = ik.Curvature(target, data, kind="ggn")
+    f64 = method(damping=1e-2).fit(curvature)
+    f32 = method(damping=1e-2).fit(curvature, ik.Runtime(dtype=torch.float32))
+    names = ["a_eigenvalues_", "a_eigenvectors_", "s_eigenvalues_", "s_eigenvectors_"]
+    names += ["corrected_eigenvalues_"] if method is ik.EKFAC else []
+    for name in names:
+        assert {t.dtype for t in getattr(f64, name)} == {F64}
+        assert {t.dtype for t in getattr(f32, name)} == {torch.float32}
+        for a, b in zip(getattr(f32, name), getattr(f64, name), strict=True):
+            assert a.shape == b.shape
+    assert f32.layer_damping_.dtype == F64 and f32.regularizer_shift_.dtype == F64
+    rows, expected = _solve_all(f64, target.num_params)
+    got = f32.solve(rows)
+    assert got.dtype == F64
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_pop_factors_equals_factors_of_and_frees_the_sums():
+    """The one-layer-at-a-time factors equal the all-layers ones, and each layer's statistics
+    leave the sums as they are taken (a fit holds one copy of the factors)."""
+    from influencekit.curvature.kfac import factors_of, pop_factors
+    from influencekit.curvature.statistics import Sums
+
+    gen = torch.Generator().manual_seed(0)
+    values = {f"{part}/{name}": torch.randn(n, n, dtype=F64, generator=gen)
+              for name, n in (("x", 3), ("y", 5)) for part in ("A", "S")}
+    layers = [type("L", (), {"name": "x"})(), type("L", (), {"name": "y"})()]
+    expected = factors_of(Sums({k: v.clone() for k, v in values.items()}, 4.0, 9), layers)
+    a_x = values["A/x"].clone()
+    sums = Sums(dict(values), 4.0, 9)
+    a, s = pop_factors(sums, "x")
+    assert sorted(sums.values) == ["A/y", "S/y"]
+    torch.testing.assert_close(a, 0.125 * (a_x + a_x.T), rtol=1e-15, atol=0)
+    torch.testing.assert_close(a, expected["x"][0], rtol=1e-15, atol=0)
+    torch.testing.assert_close(s, expected["x"][1], rtol=1e-15, atol=0)
+    pop_factors(sums, "y")
+    assert sums.values == {}

@@ -68,7 +68,9 @@ F64 = torch.float64
 def iter_layer_batches(curvature, runtime: Runtime, layers: list[Layer],
                        labels: LabelSets, rows: range | None = None) -> Iterator:
     """Yield ``(w [B], counts, acts, label_sets)`` per batch of the examples ``rows`` (default
-    all; whole batches of ``curvature.batch_grid``), all float64.
+    all; whole batches of ``curvature.batch_grid``); ``w``, ``counts`` and ``coef`` float64,
+    activations and output gradients in the compute dtype (each consumer casts one layer at a
+    time to float64, so a batch never holds float64 copies of every layer at once).
 
     ``acts = {layer: a [B, T, width]}`` (masked tokens zeroed) and ``counts = {layer: T_i [B]}``
     (real tokens per example); ``label_sets`` is an iterator of ``(coef [B], {layer: g [B, T,
@@ -91,7 +93,7 @@ def iter_layer_batches(curvature, runtime: Runtime, layers: list[Layer],
                     acts[layer.name], masks[layer.name] = kfac_kinds.statistic_inputs(
                         layer, module, x, mask)
                     continue
-                a = layer_activations(layer, module, x).to(F64)
+                a = layer_activations(layer, module, x)
                 masks[layer.name] = _layer_mask(mask, a)
                 acts[layer.name] = a if masks[layer.name] is None else a * masks[layer.name]
             counts = {name: _token_counts(masks[name], a) for name, a in acts.items()}
@@ -119,25 +121,28 @@ def _layer_mask(mask: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor | No
     """``[B, T, 1]`` float64 token mask for a layer whose tokens are the masked sequence."""
     if mask is None or a.shape[1] != mask.shape[1]:
         return None
-    return mask.to(device=a.device, dtype=F64)[..., None]
+    return mask.to(device=a.device, dtype=a.dtype)[..., None]
 
 
 def _token_counts(mask: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
     """``[B]`` number of real tokens per example (T when unmasked)."""
     if mask is None:
         return torch.full((a.shape[0],), float(a.shape[1]), dtype=F64, device=a.device)
-    return mask[..., 0].sum(dim=1).clamp_min(1.0)
+    return mask[..., 0].to(F64).sum(dim=1).clamp_min(1.0)
 
 
 def _backward_each(target, lp, outputs, batch, label_sets, layers, acts, masks, w, start):
-    for labels, probs in label_sets:
+    label_sets = list(label_sets)
+    for i, (labels, probs) in enumerate(label_sets):
         losses = target.loss_from_outputs(outputs, batch, labels)
         if not torch.isfinite(losses).all():
             i = int((~torch.isfinite(losses)).nonzero()[0, 0])
             raise NonFiniteError(f"the loss of example {start + i} is not finite while computing "
                                  "K-FAC statistics; check its inputs and label or use float64.",
                                  index=start + i)
-        out_grads = lp.backward(losses, retain_graph=True)
+        # the graph is kept only while another label set needs it: the last backward frees
+        # the forward's saved tensors as it goes
+        out_grads = lp.backward(losses, retain_graph=i < len(label_sets) - 1)
         grads = {}
         for layer in layers:
             g = out_grads[layer.name]
@@ -146,7 +151,7 @@ def _backward_each(target, lp, outputs, batch, label_sets, layers, acts, masks, 
                 g = torch.zeros(a.shape[0], a.shape[1], layer.d_out, dtype=F64,
                                 device=a.device)
             else:
-                g = layer_output_grads(layer, g).to(F64)
+                g = layer_output_grads(layer, g)
                 if masks[layer.name] is not None:
                     g = g * masks[layer.name]
             grads[layer.name] = g
@@ -199,6 +204,23 @@ def factors_of(sums: Sums, layers: list[Layer]) -> dict[str, tuple[torch.Tensor,
             for layer in layers}
 
 
+def pop_factors(sums: Sums, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, S)`` of layer ``name`` as :func:`factors_of` gives them, REMOVING that layer's sums
+    from ``sums.values`` and reusing their storage: a fit that takes its layers one by one holds
+    each layer's statistics once (no second copy of every factor)."""
+    return tuple(_sym_scaled_(sums.values.pop(f"{part}/{name}"), 1.0 / sums.weight)
+                 for part in ("A", "S"))
+
+
+def _sym_scaled_(m: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · (m + mᵀ) / 2`` with one temporary (the transpose's copy); ``m`` is consumed.
+    A diagonal factor kept as a vector (an embedding's ``[V]``) is only scaled."""
+    if m.dim() == 1:
+        return m.mul_(scale)
+    m += m.T.clone()
+    return m.mul_(0.5 * scale)
+
+
 def _stream_weighted(curvature, runtime, layers, labels, rows, accumulate_batch) -> float:
     """One pass over the examples ``rows`` calling ``accumulate_batch(w, counts, acts,
     label_sets)`` per batch; returns their Σw."""
@@ -222,6 +244,7 @@ def _accumulate_factors(acts, counts, label_sets, w, sums, others):
         if name in others:
             kfac_kinds.add_factor_a(others[name], a, w, counts[name], sums[f"A/{name}"])
             continue
+        a = a.to(F64)
         scale = (w / counts[name])[:, None, None]
         sums[f"A/{name}"] += torch.einsum("bti,btj->ij", a * scale, a)
     for coef, grads in label_sets:
@@ -229,6 +252,7 @@ def _accumulate_factors(acts, counts, label_sets, w, sums, others):
             if name in others:
                 kfac_kinds.add_factor_s(others[name], acts[name], g, coef, sums[f"S/{name}"])
                 continue
+            g = g.to(F64)
             sums[f"S/{name}"] += torch.einsum("bto,btp->op", g * coef[:, None, None], g)
 
 
@@ -259,17 +283,28 @@ def eigenvalue_corrections(curvature, runtime: Runtime, layers: list[Layer],
     return {name: s / sums.weight for name, s in sums.values.items()}
 
 
+#: Elements of one chunk of projected per-example gradients ``[b, d_out, width]`` (float64) in
+#: the correction pass: a wide layer's batch is taken a few examples at a time.
+CORRECTION_CHUNK = 1 << 22
+
+
 def _accumulate_corrections(acts, label_sets, bases, sums, others):
-    """Add one batch of squared projected per-example gradients, weighted."""
-    rotated = {name: a @ bases[name][0] for name, a in acts.items() if name not in others}
+    """Add one batch of squared projected per-example gradients, weighted; the ``[b, d_out,
+    width]`` projections are formed ``CORRECTION_CHUNK`` elements at a time (embeddings and
+    norms: :func:`.kfac_kinds.add_correction`)."""
     for coef, grads in label_sets:
         for name, g in grads.items():
             if name in others:
                 kfac_kinds.add_correction(others[name], acts[name], g, coef, bases[name][1],
                                           sums[name])
                 continue
-            projected = torch.bmm((g @ bases[name][1]).transpose(1, 2), rotated[name])
-            sums[name] += torch.einsum("b,boj->oj", coef, projected ** 2)
+            rotated = acts[name].to(F64) @ bases[name][0]
+            turned = g.to(F64) @ bases[name][1]
+            step = max(1, CORRECTION_CHUNK // max(1, turned.shape[2] * rotated.shape[2]))
+            for lo in range(0, turned.shape[0], step):
+                projected = torch.bmm(turned[lo:lo + step].transpose(1, 2),
+                                      rotated[lo:lo + step])
+                sums[name] += torch.einsum("b,boj->oj", coef[lo:lo + step], projected.square_())
 
 
 def _sym(m: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,10 @@ one column ``[m, 1]``, :mod:`.kfac_layout`) by
 
 ``A``, ``S`` and the corrections are defined in :mod:`influencekit.curvature.kfac` (scale: the
 curvature of the MEAN loss, like ``Curvature.dense``). Cross-layer blocks are zero. Factors are
-eigendecomposed in float64. An :class:`~influencekit.L2Regularizer` adds its strength to every
-eigenvalue of the layers it covers (∇²R = strength · I); other regularisers are refused.
+accumulated and eigendecomposed in float64, one layer at a time; the fitted eigenbases and
+eigenvalues are then held in the fit's compute dtype, at least float32 (:func:`fitted_dtype`).
+An :class:`~influencekit.L2Regularizer` adds its strength to every eigenvalue of the layers it
+covers (∇²R = strength · I); other regularisers are refused.
 
 Large runs: under a Runtime with several processes (``Runtime(context=DistContext.from_env())``)
 the factor and correction passes are split over the processes' shares of the training data and
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ..curvature.kfac import eigenvalue_corrections, factors_of, kronecker_statistics
+from ..curvature.kfac import eigenvalue_corrections, kronecker_statistics, pop_factors
 from ..curvature.labels import LabelSets, resolve_label_mode
 from ..curvature.statistics import store_config
 from ..errors import InfluenceKitError, UnsupportedModuleError
@@ -92,7 +94,9 @@ class _KroneckerInverse(InverseCurvature):
                       "labels": mode, "n_samples": self.n_samples, "seed": self.seed}
         sums = kronecker_statistics(curvature, runtime, layers, self._labels(mode), store,
                                     config)
-        decompositions = _eigendecompositions(factors_of(sums, layers), layers, runtime.dist)
+        n_examples = sums.examples
+        decompositions = _eigendecompositions(sums, layers, runtime.dist)  # empties sums
+        del sums
         self.a_eigenvalues_, self.a_eigenvectors_ = [], []
         self.s_eigenvalues_, self.s_eigenvectors_ = [], []
         for layer in layers:
@@ -107,7 +111,7 @@ class _KroneckerInverse(InverseCurvature):
             lam = eigenvalue_corrections(curvature, runtime, layers, self._labels(mode), bases,
                                          store, config)
             self.corrected_eigenvalues_ = [lam[layer.name] for layer in layers]
-        self.fit_info_.update(n_examples=sums.examples)
+        self.fit_info_.update(n_examples=n_examples)
         self.fit_info_.update(labels=mode, layers=[layer.to_dict() for layer in layers])
         means = [float(self._eigenvalues(i).mean()) for i in range(len(layers))]
         dampings = [0.1 * m if self.damping == "auto" else float(self.damping) for m in means]
@@ -120,6 +124,13 @@ class _KroneckerInverse(InverseCurvature):
             min_eigenvalue={layer.name: float(self._eigenvalues(i).min())
                             for i, layer in enumerate(layers)})
         self._check_invertible()
+        self._cast_state(fitted_dtype(compute_dtype(target, runtime)))
+
+    def _cast_state(self, dtype: torch.dtype) -> None:
+        """Hold the per-layer eigenbases and eigenvalues in ``dtype`` (see :func:`fitted_dtype`;
+        ``layer_damping_`` and ``regularizer_shift_`` stay float64)."""
+        for attr in self._per_layer_names():
+            setattr(self, attr, [t.to(dtype) for t in getattr(self, attr)])
 
     def _labels(self, mode):
         return LabelSets(mode, self.n_samples, self.seed)
@@ -166,27 +177,30 @@ class _KroneckerInverse(InverseCurvature):
         return torch.outer(self.s_eigenvalues_[i], self.a_eigenvalues_[i])
 
     def _indices(self) -> list[torch.Tensor]:
-        """``[d_out, width]`` flat positions of each layer (computed once per fit/load)."""
-        cached = getattr(self, "_index_cache", None)
-        if cached is None or cached[0] is not self.fit_info_:
-            space = self.param_space_
-            cached = (self.fit_info_, [factored_index(layer, space) for layer in self.layers_])
-            self._index_cache = cached
-        return cached[1]
+        """``[d_out, width]`` flat positions of each layer (int64; built on each call and not
+        kept: a cache would hold 8 bytes per parameter for as long as the inverse lives)."""
+        space = self.param_space_
+        return [factored_index(layer, space) for layer in self.layers_]
 
     # -- applying -----------------------------------------------------------------------------
     def _solve(self, grads, runtime=None):
+        """Layer by layer on views of ``grads`` ``[k, p]`` (no index tensors), in float64."""
         device = self.a_eigenvectors_[0].device
+        space = self.param_space_
+        shapes = dict(zip(space.names, space.shapes, strict=True))
+        rows = space.unflatten(grads)
         out = torch.empty_like(grads)
-        for i, idx in enumerate(self._indices()):
-            flat_idx = idx.reshape(-1).to(grads.device)
-            block = grads[:, flat_idx].to(device=device, dtype=F64).reshape(-1, *idx.shape)
-            qa, qs = self.a_eigenvectors_[i], self.s_eigenvectors_[i]
-            rotated = rotate_in(block, qs, qa)                                 # [k, d_out, width]
+        out_rows = space.unflatten(out)
+        for i, layer in enumerate(self.layers_):
+            block = factored_matrix(layer, rows).to(device=device, dtype=F64)  # [k, d_out, w]
+            qa, qs = self.a_eigenvectors_[i].to(F64), self.s_eigenvectors_[i].to(F64)
+            rotated = rotate_in(block, qs, qa)
+            del block
             shift = self.regularizer_shift_[i] + self.layer_damping_[i]
-            rotated = rotated / (self._eigenvalues(i) + shift)
-            solved = rotate_out(rotated, qs, qa).reshape(grads.shape[0], -1)
-            out[:, flat_idx] = solved.to(device=grads.device, dtype=grads.dtype)
+            rotated = rotated / (self._eigenvalues(i).to(F64) + shift)
+            solved = rotate_out(rotated, qs, qa)
+            for name, value in factored_parameters(layer, solved, shapes).items():
+                out_rows[name].copy_(value)
         return out
 
     def matrix(self) -> torch.Tensor:
@@ -199,9 +213,9 @@ class _KroneckerInverse(InverseCurvature):
         device = self.a_eigenvectors_[0].device
         out = torch.zeros(p, p, dtype=F64, device=device)
         for i, idx in enumerate(self._indices()):
-            q = dense_basis(self.s_eigenvectors_[i], self.a_eigenvectors_[i],
+            q = dense_basis(self.s_eigenvectors_[i].to(F64), self.a_eigenvectors_[i].to(F64),
                             factored_shape(self.layers_[i]))
-            e = self._eigenvalues(i).reshape(-1) + self.regularizer_shift_[i]
+            e = self._eigenvalues(i).to(F64).reshape(-1) + self.regularizer_shift_[i]
             flat = idx.reshape(-1).to(device)
             out[flat[:, None], flat[None, :]] = (q * e) @ q.T
         return out
@@ -214,7 +228,7 @@ class _KroneckerInverse(InverseCurvature):
     def solve_per_parameter(self, grads, runtime=None):
         """Layer by layer in the ``[d_out, width]`` layout: ``Q_S ((Q_Sᵀ G Q_A) / (Λ + λ)) Q_Aᵀ``
         (see :meth:`InverseCurvature.solve_per_parameter`). Computed in the gradients' dtype
-        (at least float32) from the float64 eigenbases; nothing of size ``[k, p]`` is formed."""
+        (at least float32) from the fitted eigenbases; nothing of size ``[k, p]`` is formed."""
         self.check_fitted()
         space = self.param_space_
         check_parameter_grads(space, grads, self.parameter_blocks_())
@@ -327,20 +341,31 @@ class EKFAC(_KroneckerInverse):
     corrected = True
 
 
-def _eigendecompositions(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                         layers: list[Layer], dist) -> dict[str, tuple[torch.Tensor, ...]]:
-    """``{layer: (a_values, a_vectors, s_values, s_vectors)}`` (float64), each layer's two
+def fitted_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype K-FAC / EK-FAC hold their fitted eigenbases and eigenvalues in: the fit's
+    compute dtype, at least float32 (statistics and eigendecompositions are float64 either
+    way; a float32 fit keeps half the bytes, a float64 fit keeps float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _eigendecompositions(sums, layers: list[Layer], dist) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``{layer: (a_values, a_vectors, s_values, s_vectors)}`` (float64) from the statistics
+    ``sums`` (:func:`~influencekit.curvature.kfac.kronecker_statistics`), each layer's two
     eigendecompositions computed by the process that owns the layer (owners balance the cost
-    ``width³ + d_out³``) and broadcast, so every process holds the same bits."""
+    ``width³ + d_out³``) and broadcast, so every process holds the same bits. ``sums.values``
+    is emptied layer by layer as the factors are decomposed (one copy of the statistics)."""
     names = [layer.name for layer in layers]
     costs = [decomposition_cost(layer) for layer in layers]
     owned = {}
     for name in dist.for_modules(names, costs):
-        a, s = factors[name]
+        a, s = pop_factors(sums, name)
         ea, qa = eigh_or_diagonal(a)
+        del a
         es, qs = eigh_or_diagonal(s)
+        del s
         for part, tensor in zip(_PARTS, (ea, qa, es, qs), strict=True):
             owned[f"{name}/{part}"] = tensor.contiguous()
+    sums.values.clear()  # the layers other processes own
     owners = dist.module_owners(names, costs)
     shared = dist.broadcast_from_owners(owned, {f"{name}/{part}": owners[name]
                                                 for name in names for part in _PARTS})

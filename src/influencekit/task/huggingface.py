@@ -79,6 +79,11 @@ class SequenceClassificationTask(ClassificationTask):
         _check_dict_layout(self, batch, (self.label_key,))
 
 
+#: Elements of the logits turned into float64 probabilities at once by
+#: :meth:`CausalLMTask.sample_targets`.
+SAMPLE_CHUNK = 1 << 22
+
+
 class CausalLMTask(Task):
     """Next-token cross-entropy of a causal language model (``AutoModelForCausalLM``).
 
@@ -177,11 +182,20 @@ class CausalLMTask(Task):
         return out if self.measurement_name == "loss" else -out
 
     def sample_targets(self, outputs, targets, generator):
-        """Next tokens drawn from the model at every scored position (``-100`` kept)."""
-        probs = outputs[:, :-1].detach().to(torch.float64).softmax(dim=-1)
-        flat = probs.reshape(-1, probs.shape[-1]).cpu()
-        draws = torch.multinomial(flat, 1, generator=generator)[:, 0]
-        drawn = draws.reshape(probs.shape[:2]).to(targets.device)
+        """Next tokens drawn from the model at every scored position (``-100`` kept).
+
+        Probabilities in float64, a few positions at a time (``SAMPLE_CHUNK`` elements of the
+        ``[B, T-1, vocab]`` logits): a large vocabulary's float64 copy is never formed whole."""
+        logits = outputs.detach()
+        length, vocab = logits.shape[1] - 1, logits.shape[-1]
+        step = max(1, SAMPLE_CHUNK // max(1, vocab))
+        if length < 1:  # one token: nothing is predicted
+            return targets.clone()
+        draws = torch.cat([
+            torch.multinomial(logits[b, lo:min(lo + step, length)].softmax(
+                dim=-1, dtype=torch.float64).cpu(), 1, generator=generator)[:, 0]
+            for b in range(logits.shape[0]) for lo in range(0, length, step)])
+        drawn = draws.reshape(logits.shape[0], length).to(targets.device)
         sampled = targets.clone()
         scored = targets[:, 1:] != IGNORE_INDEX
         sampled[:, 1:] = torch.where(scored, drawn, targets[:, 1:])
