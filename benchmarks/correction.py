@@ -19,7 +19,7 @@ Tasks (``--tasks``, comma separated):
 Validation and test (``fashion``, ``minilm``): the mispredicted pool points are split in order
 into ``--val-points`` validation points and the next ``--limit`` test points, each with its own
 held-out set for the collateral damage. Settings are chosen with ``--split val`` and reported
-with ``--split test``. ``digits`` and ``fashion_head`` use all their points (``--split`` ignored).
+with ``--split test``; ``--points N`` corrects only the first N points of the split. ``digits`` and ``fashion_head`` use all their points (``--split`` ignored).
 
     PYTHONPATH=src python benchmarks/correction.py [--json] --tasks minilm --split val \\
         [--k 32] [--steps 10] [--lr 0.15] [--optimizer normalized] [--params last2] \\
@@ -246,6 +246,7 @@ def selection(problem: Problem, selector: str, args, log) -> torch.Tensor:
 
 def run(problem: Problem, args, log) -> list[dict]:
     rows = range(len(problem.labels)) if problem.rows is None else problem.rows.tolist()
+    rows = list(rows)[:args.points]
     n = len(rows)
     before = ik.correction.accuracy(problem.target, problem.target.params(), problem.heldout,
                                     problem.runtime)
@@ -329,6 +330,9 @@ def main():
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--val-points", type=int, default=50)
     parser.add_argument("--limit", type=int, default=100, help="test points")
+    parser.add_argument("--points", type=int, default=None,
+                        help="correct only the first N points of the split (the selection "
+                             "scores and their cache still cover --val-points + --limit)")
     parser.add_argument("--selectors", default=",".join(SELECTORS))
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
