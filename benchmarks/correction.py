@@ -19,7 +19,8 @@ Tasks (``--tasks``, comma separated):
 Validation and test (``fashion``, ``minilm``): the mispredicted pool points are split in order
 into ``--val-points`` validation points and the next ``--limit`` test points, each with its own
 held-out set for the collateral damage. Settings are chosen with ``--split val`` and reported
-with ``--split test``; ``--points N`` corrects only the first N points of the split. ``digits`` and ``fashion_head`` use all their points (``--split`` ignored).
+with ``--split test``; ``--points N`` corrects only the first N points of the split.
+``digits`` and ``fashion_head`` use all their points (``--split`` ignored).
 
     PYTHONPATH=src python benchmarks/correction.py [--json] --tasks minilm --split val \\
         [--k 32] [--steps 10] [--lr 0.15] [--optimizer normalized] [--params last2] \\
