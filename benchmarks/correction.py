@@ -299,10 +299,12 @@ def plot(path: str, files: list[str]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     curves: dict[tuple, list] = {}
     for r in rows:
-        curves.setdefault((r["task"], r["selector"], r.get("split", "")), []).append(r)
-    for (task, selector, split), rs in sorted(curves.items()):
+        setting = (f"{r['params']} lr {r['lr']:g}" if r.get("params") else "")
+        curves.setdefault((r["task"], r["selector"], r.get("split") or "", setting),
+                          []).append(r)
+    for (task, selector, split, setting), rs in sorted(curves.items()):
         rs.sort(key=lambda r: r["k"])
-        label = f"{task} {selector}" + (f" ({split})" if split else "")
+        label = " ".join(x for x in (task, setting, selector, f"({split})" if split else "") if x)
         style = {"influence": "o-", "random": "s--", "gradient_similarity": "^:"}[selector]
         axes[0].semilogx([r["k"] for r in rs], [r["fix_rate"] for r in rs], style, base=2,
                          label=label)
