@@ -280,6 +280,8 @@ def run(problem: Problem, args, log) -> list[dict]:
                "heldout_acc_before": before, "seconds": round(time.time() - t0, 1),
                "load": load()}
         out.append(row)
+        if args.json:                       # one row per selector as soon as it is measured
+            print(json.dumps(row), flush=True)
         log(f"  {selector:20s} fix {row['fix_rate']:.2f}  steps {row['mean_steps']:.2f}  "
             f"held-out {row['heldout_acc_delta']:+.2f} pts (worst "
             f"{row['worst_heldout_acc_delta']:+.2f})  query loss "
@@ -364,15 +366,11 @@ def main():
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
         parser.error(f"unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
-    rows = []
     for name in args.tasks.split(","):
         log(f"{name}: start ({load()})")
         problem = TASKS[name](args, log)
         if problem is not None:
-            rows += run(problem, args, log)
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
+            run(problem, args, log)
 
 
 if __name__ == "__main__":
