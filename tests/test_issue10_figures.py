@@ -74,3 +74,51 @@ def test_fashion_resnet_correction_rows():
     assert {r["split"] for r in val} == {"val"}
     assert any(r["params"] == "head" and r["lr"] == 0.03 and r["fix_rate"] >= 0.8
                and r["heldout_acc_delta"] >= -1.0 for r in val)
+
+
+def test_minilm_correction_rows():
+    """MiniLM fine-tuned end to end, influence over its last two blocks: influence fixes far
+    more than random, but the mean held-out change misses the −1 point goal."""
+    test = rows("correction_minilm_ft_test.jsonl")
+    assert {r["split"] for r in test} == {"test"}
+    assert all(r["k"] <= 32 and r["steps"] <= 10 for r in test)
+    found = by_selector(test, k=32, params="last2", lr=0.02)
+    influence, random = found["influence"], found["random"]
+    assert influence["task"] == "minilm-tweets-ekfac" and influence["n_points"] >= 30
+    assert influence["fix_rate"] >= 0.9
+    assert random["fix_rate"] <= 0.2
+    assert influence["fix_rate"] - random["fix_rate"] >= 0.7
+    assert -2.0 <= influence["heldout_acc_delta"] < -1.0
+    val = rows("correction_minilm_ft_val.jsonl")
+    assert {r["split"] for r in val} == {"val"}
+    assert not any(r["fix_rate"] >= 0.8 and r["heldout_acc_delta"] >= -1.0 for r in val)
+
+
+def curves(name: str) -> dict[int, dict[int, dict]]:
+    """{horizon damped: {T: row}} of a divergence row file."""
+    out: dict[int, dict[int, dict]] = {}
+    for r in rows(name):
+        out.setdefault(r["horizon_damped"], {})[r["T"]] = r
+    return out
+
+
+def test_minilm_divergence_fades():
+    found = curves("divergence_minilm.jsonl")
+    assert sorted(found) == [4, 32, 128]
+    for by_t in found.values():
+        assert sorted(by_t) == [1, 2, 4, 8, 16, 32, 64, 128]
+        assert by_t[16]["pearson"] >= 0.85                       # best agreement
+        assert max(by_t[t]["pearson"] for t in (64, 128)) <= 0.5   # faded
+    # the matching horizon damping keeps the size of Δθ right; a short one does not
+    assert all(r["theta_relative_error"] <= 1.5 for r in found[128].values())
+    assert all(found[4][t]["theta_relative_error"] >= 3.0 for t in (16, 32, 64, 128))
+
+
+def test_fashion_divergence_is_weak_at_every_horizon():
+    found = curves("divergence_fashion.jsonl")
+    assert sorted(found) == [4, 32, 512]
+    for by_t in found.values():
+        assert max(r["T"] for r in by_t.values()) == 512
+        assert all(r["pearson"] <= 0.4 for r in by_t.values())
+    assert all(r["theta_relative_error"] <= 1.6 for r in found[512].values())
+    assert all(found[4][t]["theta_relative_error"] >= 15 for t in (4, 64, 512))
