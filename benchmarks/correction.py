@@ -19,7 +19,8 @@ Tasks (``--tasks``, comma separated):
 Validation and test (``fashion``, ``minilm``): the mispredicted pool points are split in order
 into ``--val-points`` validation points and the next ``--limit`` test points, each with its own
 held-out set for the collateral damage. Settings are chosen with ``--split val`` and reported
-with ``--split test``. ``digits`` and ``fashion_head`` use all their points (``--split`` ignored).
+with ``--split test``; ``--points N`` corrects only the first N points of the split.
+``digits`` and ``fashion_head`` use all their points (``--split`` ignored).
 
     PYTHONPATH=src python benchmarks/correction.py [--json] --tasks minilm --split val \\
         [--k 32] [--steps 10] [--lr 0.15] [--optimizer normalized] [--params last2] \\
@@ -246,6 +247,7 @@ def selection(problem: Problem, selector: str, args, log) -> torch.Tensor:
 
 def run(problem: Problem, args, log) -> list[dict]:
     rows = range(len(problem.labels)) if problem.rows is None else problem.rows.tolist()
+    rows = list(rows)[:args.points]
     n = len(rows)
     before = ik.correction.accuracy(problem.target, problem.target.params(), problem.heldout,
                                     problem.runtime)
@@ -278,6 +280,8 @@ def run(problem: Problem, args, log) -> list[dict]:
                "heldout_acc_before": before, "seconds": round(time.time() - t0, 1),
                "load": load()}
         out.append(row)
+        if args.json:                       # one row per selector as soon as it is measured
+            print(json.dumps(row), flush=True)
         log(f"  {selector:20s} fix {row['fix_rate']:.2f}  steps {row['mean_steps']:.2f}  "
             f"held-out {row['heldout_acc_delta']:+.2f} pts (worst "
             f"{row['worst_heldout_acc_delta']:+.2f})  query loss "
@@ -297,10 +301,12 @@ def plot(path: str, files: list[str]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     curves: dict[tuple, list] = {}
     for r in rows:
-        curves.setdefault((r["task"], r["selector"], r.get("split", "")), []).append(r)
-    for (task, selector, split), rs in sorted(curves.items()):
+        setting = (f"{r['params']} lr {r['lr']:g}" if r.get("params") else "")
+        curves.setdefault((r["task"], r["selector"], r.get("split") or "", setting),
+                          []).append(r)
+    for (task, selector, split, setting), rs in sorted(curves.items()):
         rs.sort(key=lambda r: r["k"])
-        label = f"{task} {selector}" + (f" ({split})" if split else "")
+        label = " ".join(x for x in (task, setting, selector, f"({split})" if split else "") if x)
         style = {"influence": "o-", "random": "s--", "gradient_similarity": "^:"}[selector]
         axes[0].semilogx([r["k"] for r in rs], [r["fix_rate"] for r in rs], style, base=2,
                          label=label)
@@ -329,6 +335,9 @@ def main():
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--val-points", type=int, default=50)
     parser.add_argument("--limit", type=int, default=100, help="test points")
+    parser.add_argument("--points", type=int, default=None,
+                        help="correct only the first N points of the split (the selection "
+                             "scores and their cache still cover --val-points + --limit)")
     parser.add_argument("--selectors", default=",".join(SELECTORS))
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
@@ -357,15 +366,11 @@ def main():
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
         parser.error(f"unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
-    rows = []
     for name in args.tasks.split(","):
         log(f"{name}: start ({load()})")
         problem = TASKS[name](args, log)
         if problem is not None:
-            rows += run(problem, args, log)
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
+            run(problem, args, log)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ Tasks (``--task``):
            the last two encoder blocks + pooler + classifier, EK-FAC; groups
 
 Groups: the training examples of one class whose training loss at θ̂ is above ("hard") or below
-("easy") that class's median (``--groups-per-class 2``), or whole classes (1).
+("easy") that class's median (``--groups-per-class 2``), or whole classes (1); ``--group-size N``
+keeps N random members of each.
 
     PYTHONPATH=src python benchmarks/divergence.py --task minilm [--steps 512] [--lr 0.05]
         [--batch-size 8] [--queries 30] [--horizons 4,32,512] [--png PATH] [--json]
@@ -76,6 +77,14 @@ def class_loss_groups(target, train, labels, per_class: int, runtime) -> list[li
     return groups
 
 
+def subset(group: list[int], size: int, seed: int) -> list[int]:
+    """``size`` members of ``group`` drawn at random (seeded), in index order; all if fewer."""
+    if len(group) <= size:
+        return group
+    pick = torch.randperm(len(group), generator=torch.Generator().manual_seed(seed))[:size]
+    return sorted(group[i] for i in pick.tolist())
+
+
 # -- tasks: (name, target, train, query, labels of train, runtime) ------------------------------
 def fashion_problem(args, log):
     import _fashion
@@ -121,6 +130,8 @@ def groups_run(args, log):
     horizons = [int(h) for h in args.horizons.split(",")]
     inverses = [with_damping(base, dg.horizon_damping(setup, h)) for h in horizons]
     groups = class_loss_groups(target, train, labels, args.groups_per_class, runtime)
+    if args.group_size:
+        groups = [subset(g, args.group_size, seed) for seed, g in enumerate(groups)]
     log(f"{name}: p={target.num_params}, n={len(labels)}, {len(groups)} groups of "
         f"{[len(g) for g in groups]}, {args.queries} query losses; SGD lr {args.lr} batch "
         f"{args.batch_size}, {args.steps} steps; EK-FAC dampings "
@@ -243,6 +254,9 @@ def main():
     parser.add_argument("--horizons", default="4,32,512",
                         help="groups: dampings 1/(lr·T_h) for these T_h")
     parser.add_argument("--groups-per-class", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="groups: keep this many random members of each group (cheaper "
+                             "group gradients on large models); default all")
     parser.add_argument("--epsilons", default="1,-1")
     parser.add_argument("--png", default=None)
     parser.add_argument("--json", action="store_true", help="also print JSON rows")
