@@ -214,13 +214,14 @@ def _gradient_kill_campaign(tmp_path, zygote, seed, kills, n_train):
 
 
 def test_gradient_store_killed_at_random_points_resumes_bit_identical(tmp_path, zygote):
-    report, ledger = _gradient_kill_campaign(tmp_path, zygote, seed=0, kills=3, n_train=240)
+    # 1200 examples: a build of ~0.4 s on a quiet machine (at 240 it ended before the kills)
+    report, ledger = _gradient_kill_campaign(tmp_path, zygote, seed=0, kills=3, n_train=1200)
     assert report.kills >= 2
-    assert 0 < ledger.done_after[0] < 240  # the first kill landed inside the work
+    assert 0 < ledger.done_after[0] < 1200  # the first kill landed inside the work
     # the uninterrupted worker's rows are the projected gradients computed without a store
     from influencekit.scoring import iter_projected_gradients
 
-    target, train, projection, runtime = workers.gradient_problem(240)
+    target, train, projection, runtime = workers.gradient_problem(1200)
     plain = torch.cat([rows for _, rows in iter_projected_gradients(target, train, projection,
                                                                     runtime)])
     stored = ResultsArray.read(tmp_path / "reference" / "gradients").values()
@@ -231,5 +232,5 @@ def test_gradient_store_killed_at_random_points_resumes_bit_identical(tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_gradient_store_many_kills(tmp_path, zygote, seed):
-    report, _ = _gradient_kill_campaign(tmp_path, zygote, seed=seed, kills=10, n_train=600)
+    report, _ = _gradient_kill_campaign(tmp_path, zygote, seed=seed, kills=10, n_train=3000)
     assert report.kills >= 8
