@@ -422,6 +422,9 @@ def test_check_time_estimates_scale_with_the_work_they_count():
         5 / 3 * one["first-order expansion"])
     assert est(costs, examples=4)["parameter divergence"] == pytest.approx(
         9 / 5 * one["parameter divergence"])
+    # mini-batch steps (batch 8 of 800 examples) cost 1/100 of a full-batch step
+    assert est(costs, step_fraction=8 / 800)["parameter divergence"] == pytest.approx(
+        one["parameter divergence"] / 100)
     newton = est(costs, num_params=3000)["first-order expansion"]
     lbfgs = est(costs, num_params=3001)["first-order expansion"]
     assert lbfgs < newton / 10

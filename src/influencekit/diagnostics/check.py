@@ -39,11 +39,14 @@ def estimate_check_seconds(target: Target, inverse: InverseCurvature, train, que
     runtime = resolve_runtime(runtime)
     costs = measure_unit_costs(target, train, runtime)
     n_query = num_examples(as_loader(query, runtime, "query data"))
+    batch = training.batch_size if training is not None else None
+    step_fraction = 1.0 if batch is None else batch / num_examples(
+        as_loader(train, runtime, "training data"))
     return estimate_seconds(
         costs, num_params=target.num_params, n_query=n_query, include=include,
         examples=examples, epsilons=epsilons, checkpoints=len(checkpoints or []),
         training_steps=training.steps if training is not None else 64,
-        dense_max_params=dense_max_params, lanczos_steps=lanczos_steps,
+        step_fraction=step_fraction, dense_max_params=dense_max_params, lanczos_steps=lanczos_steps,
         lazy_inverse=bool(getattr(inverse, "lazy", False)))
 
 

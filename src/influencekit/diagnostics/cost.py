@@ -61,10 +61,13 @@ def measure_unit_costs(target, train, runtime: Runtime) -> UnitCosts:
 
 def estimate_seconds(costs: UnitCosts, *, num_params: int, n_query: int, include,
                      examples: int = 2, epsilons=(-1.0, 1.0), checkpoints: int = 0,
-                     training_steps: int = 64, dense_max_params: int = 600,
-                     lanczos_steps: int = 30, lazy_inverse: bool = False) -> dict[str, float]:
+                     training_steps: int = 64, step_fraction: float = 1.0,
+                     dense_max_params: int = 600, lanczos_steps: int = 30,
+                     lazy_inverse: bool = False) -> dict[str, float]:
     """Estimated seconds of each assumption's check in ``include`` (see the module doc).
 
+    ``step_fraction``: the share of the training data one continued-training step sees
+    (``batch_size / n`` for mini-batches, 1 for full batch).
     ``lazy_inverse``: the inverse solves with curvature products (CG, LiSSA), so each solve costs
     about 2 · 100 objective passes instead of a dense fit."""
     p, obj = num_params, costs.objective
@@ -82,7 +85,8 @@ def estimate_seconds(costs: UnitCosts, *, num_params: int, n_query: int, include
         elif assumption == "training trajectory":
             seconds = checkpoints * (fit + costs.gradients)
         elif assumption == "parameter divergence":
-            seconds = (1 + 2 * examples) * training_steps * 3 * obj + costs.gradients
+            step = 3 * obj * min(1.0, step_fraction)
+            seconds = (1 + 2 * examples) * training_steps * step + costs.gradients
         elif assumption == "first-order expansion":
             step = NEWTON_STEPS * (dense + obj) if p <= NEWTON_MAX_PARAMS else LBFGS_STEPS * obj
             seconds = examples * (1 + len(epsilons)) * step + costs.gradients
