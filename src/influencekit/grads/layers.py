@@ -109,6 +109,19 @@ def parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
     return owners
 
 
+def first_tied_parameter(layers: list[Layer]) -> tuple[str, str, str] | None:
+    """``(parameter, first module, second module)`` of the first parameter held by two of
+    ``layers`` (tied weights, e.g. GPT-2's input and output embeddings), or None."""
+    seen: dict[str, str] = {}
+    for layer in layers:
+        for name in (layer.weight, layer.bias):
+            if name and name in seen:
+                return name, seen[name], layer.name
+            if name:
+                seen[name] = layer.name
+    return None
+
+
 def split_layers(model: nn.Module, names: tuple[str, ...],
                  modules: list[str] | None = None) -> tuple[list[Layer], list[str]]:
     """``(layers, rest)``: the supported layers holding the named parameters (restricted to

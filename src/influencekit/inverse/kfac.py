@@ -33,7 +33,7 @@ from ..curvature.kfac import eigenvalue_corrections, kronecker_statistics, pop_f
 from ..curvature.labels import LabelSets, resolve_label_mode
 from ..curvature.statistics import store_config
 from ..errors import InfluenceKitError, UnsupportedModuleError
-from ..grads import Layer, compute_dtype
+from ..grads import Layer, compute_dtype, first_tied_parameter
 from ..storage import FitStore
 from ..task.regularizer import L2Regularizer
 from .base import InverseCurvature, check_parameter_grads
@@ -377,20 +377,17 @@ _PARTS = ("a_values", "a_vectors", "s_values", "s_vectors")
 
 def _refuse_tied(layers: list[Layer]) -> None:
     """Refuse a parameter held by two factored modules (tied input / output embeddings)."""
-    seen: dict[str, str] = {}
-    for layer in layers:
-        for name in (layer.weight, layer.bias):
-            if name and name in seen:
-                raise UnsupportedModuleError(
-                    f"parameter {name!r} is shared by modules {seen[name]!r} and {layer.name!r} "
-                    "(tied weights, e.g. GPT-2's input and output embeddings); K-FAC factors "
-                    "one module per parameter and has no factorisation of a tied weight. Leave "
-                    "it out of the Target (e.g. only the attention and MLP modules: "
-                    "Target(params=['transformer.h']) for GPT-2), or give it its own block: "
-                    "ik.block_diagonal({" + repr(name) + ": ik.Diagonal(...)}, "
-                    "default=ik.KFAC(...)).")
-            if name:
-                seen[name] = layer.name
+    tied = first_tied_parameter(layers)
+    if tied is None:
+        return
+    name, first, second = tied
+    raise UnsupportedModuleError(
+        f"parameter {name!r} is shared by modules {first!r} and {second!r} (tied weights, e.g. "
+        "GPT-2's input and output embeddings); K-FAC factors one module per parameter and has "
+        "no factorisation of a tied weight. Leave it out of the Target (e.g. only the attention "
+        "and MLP modules: Target(params=['transformer.h']) for GPT-2), or give it its own "
+        "block: ik.block_diagonal({" + repr(name) + ": ik.Diagonal(...)}, "
+        "default=ik.KFAC(...)).")
 
 
 def _regularizer_shift(target, layers: list[Layer]) -> list[float]:

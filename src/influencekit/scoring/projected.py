@@ -51,6 +51,7 @@ from ..grads import (
     check_weights,
     compute_dtype,
     find_layers,
+    first_tied_parameter,
     iter_batches,
     layer_activations,
     layer_matrix,
@@ -75,16 +76,13 @@ def projected_layers(target: Target) -> list[Layer]:
     """The Target's layers (every selected parameter must lie in one hooked layer; no tied
     parameter)."""
     layers = find_layers(target, None, KRONECKER_KINDS + DIAGONAL_KINDS)
-    seen: dict[str, str] = {}
-    for layer in layers:
-        for name in (layer.weight, layer.bias):
-            if name and name in seen:
-                raise UnsupportedModuleError(
-                    f"parameter {name!r} is shared by modules {seen[name]!r} and {layer.name!r} "
-                    "(tied weights); projected gradients are per layer. Leave it out of the "
-                    "Target (params=[...]) for projected scoring.")
-            if name:
-                seen[name] = layer.name
+    tied = first_tied_parameter(layers)
+    if tied is not None:
+        name, first, second = tied
+        raise UnsupportedModuleError(
+            f"parameter {name!r} is shared by modules {first!r} and {second!r} (tied weights); "
+            "projected gradients are per layer. Leave it out of the Target (params=[...]) for "
+            "projected scoring.")
     return layers
 
 

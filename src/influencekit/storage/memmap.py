@@ -41,6 +41,7 @@ from ..errors import StoreError
 from .files import json_roundtrip, read_json, safe_path, write_json
 from .records import (
     RECORD_BYTES,
+    WriterFiles,
     check_npy,
     create_staged,
     digest,
@@ -58,7 +59,7 @@ _RETRY_SECONDS = 0.05  # a record read while another process writes it is read o
 _DELETE = "delete the folder to compute the results again"
 
 
-class ResultsArray:
+class ResultsArray(WriterFiles):
     """A ``[rows, *row_shape]`` array on disk whose rows are filled one at a time.
 
     Use :meth:`open` (creates or resumes, verifies), or :meth:`read` (read-only, no expected
@@ -114,24 +115,6 @@ class ResultsArray:
         """The ``config`` recorded in the store in ``folder`` (its manifest is checked; the rows
         are not read)."""
         return _load_meta(Path(folder))["config"]
-
-    def close(self) -> None:
-        """Close the file descriptors used for writing (reopened on the next write)."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
     # -- what is stored -----------------------------------------------------------------------
     @property

@@ -125,3 +125,28 @@ def create_staged(folder: Path, marker: str, build: Callable[[Path], None], fix:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+class WriterFiles:
+    """Open file descriptors of a store's writer (``self._fds``: file name -> fd), closed by
+    :meth:`close`, at the end of a ``with`` block, or when the store is collected."""
+
+    _fds: dict[str, int]
+
+    def close(self) -> None:
+        """Close the file descriptors used for writing (reopened on the next write)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass

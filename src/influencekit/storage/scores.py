@@ -49,6 +49,7 @@ from ..errors import StoreError
 from .files import read_json, safe_path, write_json
 from .records import (
     RECORD_BYTES,
+    WriterFiles,
     check_npy,
     create_staged,
     digest,
@@ -68,7 +69,7 @@ _DELETE = "delete the folder to compute the scores again"
 _RETRY_SECONDS = 0.05  # a record read while another process writes it is read once more
 
 
-class ScoreStore:
+class ScoreStore(WriterFiles):
     """A ``[n_query, n_train]`` score matrix (or one partition's columns of it) on disk.
 
     Open with :meth:`open` (create or resume) or :meth:`load` (an existing store). Blocks are
@@ -147,24 +148,6 @@ class ScoreStore:
             f"{'.'.join(path)} is "
             f"{_short(stored)}, this run has {_short(wanted)}{_hint(path)}. Use another folder, "
             "or delete this one to discard its scores.")
-
-    def close(self) -> None:
-        """Close the file descriptors used for writing (reopened on the next write)."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
     # -- layout -------------------------------------------------------------------------------
     @property
