@@ -400,7 +400,8 @@ def run_scale(job: dict) -> dict:
         return value
 
     inverse = stage("EKFAC fit", lambda: ik.EKFAC(damping=job["damping"], seed=0).fit(
-        ik.Curvature(target, train_set), runtime))
+        ik.Curvature(target, train_set), runtime,
+        stationarity=not job.get("skip_stationarity", False)))
     rank = job["scale_rank"]
     stage(f"EKFAC score, query rank {rank}", lambda: ik.Influence(
         target, inverse, include_regularizer=False, query_rank=rank).pairwise(

@@ -264,3 +264,30 @@ def test_unknown_engine_is_refused():
     model, _ = _case("mlp")
     with pytest.raises(ik.errors.InfluenceKitError, match="engine='fast'"):
         GradientEngine(ik.Target(model, ik.ClassificationTask()), "fast")
+
+
+def test_layer_pass_output_gradients_without_parameter_gradients():
+    """Bias-free layers (a transformer's MLP): the hooked backward gives each layer's output
+    gradient equal to autograd's, leaves the model's outputs bit-identical, and never forms a
+    parameter gradient (it differentiates zero probes added to the outputs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 3, bias=False),
+                          nn.ReLU(inplace=True)).to(F64)
+    target = ik.Target(model, ik.RegressionTask())
+    x, y = torch.randn(6, 4, dtype=F64), torch.randn(6, 3, dtype=F64)
+    layers = GradientEngine(target, "hooks").layers
+    params = ik.grads.live_params(target, F64, "cpu")
+    with ik.grads.LayerPass(target, layers) as lp:
+        outputs = lp.forward(params, (x, y))
+        values = target.loss_from_outputs(outputs, (x, y))
+        got = lp.backward(values)
+    assert all(p.grad is None for p in params.values())
+    assert all(p.grad is None for p in model.parameters())
+
+    h0 = x @ params["0.weight"].T                       # the reference, by autograd
+    h2 = torch.tanh(h0) @ params["2.weight"].T
+    ref_values = target.loss_from_outputs(torch.relu(h2), (x, y))
+    want0, want2 = torch.autograd.grad(ref_values.sum(), [h0, h2])
+    assert torch.equal(outputs, torch.relu(h2))
+    torch.testing.assert_close(got["0"], want0, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got["2"], want2, rtol=1e-12, atol=1e-14)

@@ -13,6 +13,9 @@ to see them (the CLI does).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import sys
 import time
@@ -133,6 +136,29 @@ def stage(name: str, timings: dict | None = None):
     if timings is not None:
         timings[name] = timings.get(name, 0.0) + seconds
     log.info("%s done in %.2f s", name, seconds)
+
+
+def release_freed_memory() -> None:
+    """Hand memory that tensors have freed back to the operating system (glibc only).
+
+    CPU tensors under glibc's mmap threshold (up to 32 MB once larger blocks have been freed:
+    a layer's factor, eigenbasis or gradient) come from the heap, and glibc keeps freed heap
+    pages resident: after a stage that made and dropped many of them (a K-FAC fit, preparing
+    queries) the process stays at that stage's peak although nothing holds the memory, and
+    the next stage adds its own peak on top. ``malloc_trim(0)`` returns those pages. Called
+    between stages; a no-op where the C library has no ``malloc_trim``.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 DEFAULT_RUNTIME = Runtime()

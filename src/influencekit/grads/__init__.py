@@ -13,7 +13,7 @@
   per side).
 """
 
-from .capture import LayerCapture, LayerPass, backward_leaves, live_params
+from .capture import LayerCapture, LayerPass, live_params
 from .data import (
     DictDataset,
     as_dataset,
@@ -74,6 +74,6 @@ __all__ = [
     "layer_index", "layer_tokens", "layer_activations", "layer_output_grads",
     "normalized_inputs", "per_example_layer_grads", "write_layer_grads", "layer_matrix",
     "layer_parameters",
-    "LayerCapture", "LayerPass", "backward_leaves", "live_params",
+    "LayerCapture", "LayerPass", "live_params",
     "RandomProjection", "LayerProjection",
 ]

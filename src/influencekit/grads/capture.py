@@ -44,13 +44,20 @@ class LayerCapture:
     ids ``[1, T]``): when :attr:`batch_size` is set and larger, their output is returned expanded
     to ``[batch_size, ...]`` (a view; the model's broadcasting gives the same values), so that
     their output gradient keeps one row per example instead of the sum over the batch.
+
+    ``probe``: each module's output is returned as ``output + probe`` with ``probe`` a fresh
+    zero scalar leaf that requires grad (``probes[name]``; the values are unchanged). A
+    backward pass asked for the probes' gradients reaches every output gradient without
+    forming any parameter's gradient (:class:`LayerPass`).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], expand=frozenset()):
+    def __init__(self, modules: dict[str, nn.Module], expand=frozenset(), probe: bool = False):
         self.modules = modules
         self.expand = frozenset(expand)
+        self.probe = probe
         self.batch_size: int | None = None
         self.inputs: dict[str, torch.Tensor] = {}
+        self.probes: dict[str, torch.Tensor] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
         self._handles = []
 
@@ -74,6 +81,7 @@ class LayerCapture:
     def reset(self) -> None:
         self.inputs.clear()
         self.output_grads.clear()
+        self.probes.clear()
 
     def _forward(self, name, module, args, output):
         if name in self.inputs:
@@ -84,6 +92,10 @@ class LayerCapture:
             x = x.expand(self.batch_size, *x.shape[1:])
             output = replaced
         self.inputs[name] = x.detach()
+        if self.probe and isinstance(output, torch.Tensor) and output.is_floating_point():
+            probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            self.probes[name] = probe
+            output = replaced = output + probe
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(partial(self._backward, name))
         return replaced  # None keeps the module's own output
@@ -105,7 +117,8 @@ class LayerPass:
     """One hooked forward pass of a Target and its backward passes (use inside ``with``).
 
     ``params`` given to :meth:`forward` must be leaf tensors that require grad (see
-    :func:`live_params`); their gradients are never formed, only the layers' output gradients.
+    :func:`live_params`); their gradients are never formed, only the layers' output gradients
+    (backward asks for the gradients of zero probes added to the layers' outputs).
     ``expand``: layer names whose batch-shared output is expanded per example
     (:class:`LayerCapture`).
     """
@@ -114,8 +127,7 @@ class LayerPass:
         self.target = target
         self.layers = layers
         self.modules = {layer.name: target.model.get_submodule(layer.name) for layer in layers}
-        self._capture = LayerCapture(self.modules, expand)
-        self._leaves: list[torch.Tensor] = []
+        self._capture = LayerCapture(self.modules, expand, probe=True)
 
     def __enter__(self) -> LayerPass:
         self._capture.__enter__()
@@ -128,7 +140,6 @@ class LayerPass:
         """The Target's outputs on ``batch`` with every layer's input recorded."""
         self._capture.reset()
         self._capture.batch_size = batch_size(batch)
-        self._leaves = backward_leaves(self.layers, params)
         return self.target.outputs(params, batch)
 
     @property
@@ -140,26 +151,19 @@ class LayerPass:
                  ) -> dict[str, torch.Tensor | None]:
         """``{layer name: ∂(Σ values)/∂output}`` (None for layers that do not reach values)."""
         self._capture.output_grads.clear()
-        if values.requires_grad:
-            torch.autograd.grad(values.sum(), self._leaves, retain_graph=retain_graph,
+        probes = list(self._capture.probes.values())
+        if values.requires_grad and probes:
+            # the probes' gradients are sums of output gradients: no parameter gradient
+            # (a weight-sized product per layer) is formed
+            torch.autograd.grad(values.sum(), probes, retain_graph=retain_graph,
                                 allow_unused=True)
         grads = self._capture.output_grads
         return {layer.name: grads.get(layer.name) for layer in self.layers}
 
 
-def backward_leaves(layers: list[Layer], params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """One leaf per layer whose gradient makes backward reach the layer's output cheaply.
-
-    Asking autograd for the bias (a sum) rather than the weight skips the aggregated
-    weight-gradient products (a full conv backward for a Conv2d); the output-gradient hooks
-    fire either way.
-    """
-    leaves = {id(params[n]): params[n] for layer in layers
-              for n in [layer.bias or layer.weight]}
-    return list(leaves.values())
-
-
 def live_params(target, dtype, device) -> dict[str, torch.Tensor]:
-    """Fresh leaf copies of the Target's parameters that require grad (never the user's tensors)."""
-    return {n: p.detach().clone().requires_grad_(True)
+    """Fresh leaf tensors of the Target's parameters that require grad: detached aliases of the
+    parameters' storage (no copy in their dtype; never the user's tensor objects, whose
+    ``requires_grad`` is left as it was). Nothing may write into them."""
+    return {n: p.detach().requires_grad_(True)
             for n, p in target.params(dtype, device).items()}

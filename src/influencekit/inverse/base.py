@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InfluenceKitError, ModelMismatchError, NotFittedError
 from ..func.params import ParamSpace
-from ..runtime import Runtime, resolve_runtime
+from ..runtime import Runtime, release_freed_memory, resolve_runtime
 
 REGISTRY: dict[str, type[InverseCurvature]] = {}
 
@@ -96,6 +96,7 @@ class InverseCurvature(ABC):
             self._fit(curvature, runtime)
         else:
             self._fit(curvature, runtime, store=store)
+        release_freed_memory()
         if stationarity and getattr(curvature, "measures_stationarity", True):
             from ..diagnostics import fit_stationarity
 

@@ -50,7 +50,7 @@ from ..grads import (
     per_example_layer_grads,
     regularizer_gradient,
 )
-from ..runtime import Runtime
+from ..runtime import Runtime, release_freed_memory
 from ..task.target import Target
 
 #: Elements of one chunk of per-example gradient matrices ``[b, d_out, width]`` (and of the
@@ -350,7 +350,10 @@ def prepare_queries(target: Target, inverse, query, runtime: Runtime, *, of="mea
                                      frozenset(engine.expanded)))
     if not parts:
         raise InfluenceKitError("the query data holds no example")
-    return concat_queries(parts) if len(parts) > 1 else parts[0]
+    prepared = concat_queries(parts) if len(parts) > 1 else parts[0]
+    del parts
+    release_freed_memory()  # the raw query gradients and the solves' transients
+    return prepared
 
 
 def check_finite_parts(values: torch.Tensor, grads: dict[str, torch.Tensor], start: int,
