@@ -29,7 +29,8 @@ Conventions shared by both libraries here: no regulariser, loss-only training gr
 (``ik.Influence(..., include_regularizer=False)``), the curvature of the MEAN over sequences of
 each sequence's SUMMED token losses, damping λ added to every eigenvalue (kronfluence's
 ``damping_factor = λ``), labels sampled from the model for the fit (one draw per token for
-both; ``EKFAC_samples8`` draws eight). Scores are s = g_qᵀ(C + λI)⁻¹g_m with the query's summed
+both; ``EKFAC_samples8`` draws eight; ``EKFAC_exact_labels`` takes the exact expectation over
+every (position, token) pair, ``labels="exact"``, one backward pass per pair). Scores are s = g_qᵀ(C + λI)⁻¹g_m with the query's summed
 token loss as f: s > 0 = helpful.
 
 Each method runs in its own fresh subprocess (the two libraries share nothing there):
@@ -222,7 +223,8 @@ def make_target(spec: dict, model) -> ik.Target:
 def build_inverse(method: dict, damping: float):
     name = method["name"]
     if name.startswith("EKFAC"):
-        return ik.EKFAC(damping=damping, n_samples=method.get("n_samples", 1), seed=0)
+        return ik.EKFAC(damping=damping, labels=method.get("labels", "auto"),
+                        n_samples=method.get("n_samples", 1), seed=0)
     if name == "block_exact":
         return ik.block_diagonal(default=ik.Exact(damping=damping))
     raise ValueError(f"unknown method {name}")
@@ -397,6 +399,8 @@ def run_scale(job: dict) -> dict:
         value = fn()
         rows.append({"section": "scale", "method": name, "wall_s": time.perf_counter() - t0,
                      "peak_mb": meter.stop(), **facts})
+        # each finished stage is kept, so a run stopped by --timeout still reports it
+        Path(job["out"]).with_suffix(".partial.json").write_text(json.dumps(rows))
         return value
 
     inverse = stage("EKFAC fit", lambda: ik.EKFAC(damping=job["damping"], seed=0).fit(
@@ -498,7 +502,8 @@ def quality_section(spec: dict, args, folder: Path, log) -> list[dict]:
     if args.quality_modules == "mlp":
         spec = dict(spec, modules=[m for m in spec["modules"] if ".mlp." in m])
     methods = [{"name": "block_exact", "batch_size": 1}, {"name": "EKFAC", "n_samples": 1},
-               {"name": "EKFAC_samples8", "n_samples": 8}]
+               {"name": "EKFAC_samples8", "n_samples": 8},
+               {"name": "EKFAC_exact_labels", "labels": "exact"}]
     if not args.skip_kronfluence:
         methods.append({"name": "kronfluence_ekfac"})
     results = {}
@@ -578,8 +583,11 @@ def scale_section(spec: dict, args, folder: Path, log) -> list[dict]:
                         scale_rank=args.scale_rank, scale_dim=args.scale_dim)
     if "error" in result:
         log(f"  ERROR {result['error']}")
-        return [_row(spec, "scale", "scale", result)]
-    rows = []
+        partial = folder / f"{spec['task']}_scale_float32.partial.json"
+        finished = json.loads(partial.read_text()) if partial.exists() else []
+        result = {"rows": finished, "process_mb": None, "error": result["error"]}
+    rows = [] if "error" not in result else [_row(spec, "scale", "scale (stopped)",
+                                                  {"error": result["error"]})]
     for row in result["rows"]:
         full = _row(spec, row.pop("section"), row.pop("method"), {})
         full.update(row, process_mb=result["process_mb"])

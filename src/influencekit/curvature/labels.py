@@ -4,10 +4,11 @@ The Fisher of the MEAN training loss is ``(1/Σw) Σ_i w_i E_{y ~ p_θ(·|x_i)}[
 The expectation over labels y is taken in one of three ways (``mode``):
 
 - ``"exact"``: every target of ``task.predictive_targets`` weighted by its probability (all
-  classes for classification, sigma points for squared error) — the exact Fisher;
+  classes for classification, sigma points for squared error, every (position, token) pair of
+  a causal language model with a small vocabulary) — the exact Fisher;
 - ``"sampled"``: ``n_samples`` draws per example from ``task.sample_targets`` with a seeded
-  generator, each weighted 1/n_samples — an unbiased estimate, the only way for a language model
-  (V^T label sequences);
+  generator, each weighted 1/n_samples — an unbiased estimate, the practical way for a language
+  model with a real vocabulary (``"auto"`` picks it there);
 - ``"empirical"``: the data's own labels (the empirical Fisher).
 """
 
@@ -40,7 +41,8 @@ def resolve_label_mode(task, kind: str, labels: str = "auto") -> str:
             "(draws from the model). Implement one of them, or use "
             "ik.Curvature(..., kind='empirical_fisher') (the data's labels).")
     if labels == "auto":
-        return "exact" if task.enumerates_targets else "sampled"
+        return ("exact" if task.enumerates_targets and task.exact_labels_by_default
+                else "sampled")
     if labels == "exact" and not task.enumerates_targets:
         raise InfluenceKitError(
             f"labels='exact' needs the task's predictive distribution enumerated, but "
@@ -85,7 +87,10 @@ class LabelSets:
             return [(true_targets, torch.ones(size, dtype=F64, device=device))]
         if self.mode == "exact":
             try:
-                targets, probs = task.predictive_targets(outputs.detach())
+                targets, probs = (
+                    task.predictive_targets(outputs.detach(), true_targets)
+                    if task.predictive_targets_take_targets
+                    else task.predictive_targets(outputs.detach()))
             except NotImplementedError as exc:
                 raise InfluenceKitError(
                     f"labels='exact' needs the labels' predictive distribution, but "

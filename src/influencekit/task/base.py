@@ -57,6 +57,13 @@ class Task(ABC):
 
     #: The curvature kind this task is meant for (``ik.Curvature(..., kind=None)`` uses it).
     default_curvature = "ggn"
+    #: Whether K-FAC/EK-FAC's ``labels="auto"`` takes the exact enumeration when
+    #: :meth:`predictive_targets` exists (False where it costs one backward pass per target,
+    #: e.g. a language model's (position, token) pairs: ``"auto"`` then samples).
+    exact_labels_by_default = True
+    #: Whether :meth:`predictive_targets` is called as ``predictive_targets(outputs, targets)``
+    #: with the batch's true targets (which mark positions that are not scored).
+    predictive_targets_take_targets = False
 
     def forward(self, call: ModelCall, batch) -> torch.Tensor:
         """Call the model on a batch and return the output tensor the loss reads.
@@ -132,7 +139,8 @@ class Task(ABC):
         """Targets of the model's own predictive distribution, enumerated exactly.
 
         Returns ``(targets, probabilities)``: ``targets`` is a sequence of S target batches and
-        ``probabilities`` a ``[S, B]`` tensor of their weights (each column sums to one), chosen
+        ``probabilities`` a ``[S, B]`` tensor of their weights (each column sums to one; a
+        causal language model's to its number of scored positions, one distribution each), chosen
         so that the weighted sum of gradient outer products is the exact Fisher. Tasks whose
         distribution cannot be enumerated (a language model: V^T sequences) raise
         ``NotImplementedError`` and implement :meth:`sample_targets` instead.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import BatchLayoutError, LabelError, TaskOutputShapeError
+from ..errors import BatchLayoutError, InfluenceKitError, LabelError, TaskOutputShapeError
 from .base import Task, output_tensor
 from .checks import describe_layout
 from .classification import IGNORE_INDEX, ClassificationTask
@@ -79,6 +79,10 @@ class SequenceClassificationTask(ClassificationTask):
         _check_dict_layout(self, batch, (self.label_key,))
 
 
+#: Most (position, token) label sets :meth:`CausalLMTask.predictive_targets` enumerates per
+#: batch (each is one backward pass).
+MAX_EXACT_LABEL_SETS = 20_000
+
 #: Elements of the logits turned into float64 probabilities at once by
 #: :meth:`CausalLMTask.sample_targets`.
 SAMPLE_CHUNK = 1 << 22
@@ -98,14 +102,17 @@ class CausalLMTask(Task):
       the completion more likely (helpful), as everywhere in influencekit;
     - ``measurement="log_probability"``: log p(completion | prompt) = −loss (s > 0: harmful).
 
-    Curvature: the exact Fisher would enumerate V^T label sequences, so this task has no
-    :meth:`predictive_targets`; the default curvature is ``"ggn"`` — for cross-entropy on logits
-    the Gauss-Newton matrix IS the true Fisher, and its products are exact (Jacobian-vector
-    products), while K-FAC/EK-FAC estimate it from labels sampled from the model
-    (:meth:`sample_targets`, seeded). ``kind="empirical_fisher"`` uses the data's own tokens.
+    Curvature: the default is ``"ggn"`` — for cross-entropy on logits the Gauss-Newton matrix
+    IS the true Fisher, and its products are exact (Jacobian-vector products). K-FAC/EK-FAC
+    estimate it from labels: by default sampled from the model (:meth:`sample_targets`,
+    seeded); ``labels="exact"`` enumerates every (position, token) pair
+    (:meth:`predictive_targets`, one backward pass each: small vocabularies only).
+    ``kind="empirical_fisher"`` uses the data's own tokens.
     """
 
     default_curvature = "ggn"
+    exact_labels_by_default = False
+    predictive_targets_take_targets = True
 
     def __init__(self, measurement: str = "loss", label_key: str = "labels"):
         if measurement not in ("loss", "log_probability"):
@@ -180,6 +187,42 @@ class CausalLMTask(Task):
         per_token = self.token_losses(outputs, targets)
         out = torch.nn.functional.pad(per_token, (1, 0))
         return out if self.measurement_name == "loss" else -out
+
+    def predictive_targets(self, outputs, targets=None):
+        """The exact expectation over the model's next-token labels, one scored position at a
+        time: ``(targets, weights [S, B])`` with S = (T − 1)·V label sets (order: position,
+        then token). Set (τ, c) scores only position τ + 1, with token c (every other position
+        ``-100``), weighted p(c | y_≤τ) of each example; positions that ``targets`` marks
+        ``-100`` (padding, prompt) weigh 0, and sets no example scores are dropped.
+
+        Why this is the exact Fisher (= the GGN) of the summed token losses: under the model the
+        next tokens are independent given the sequence, and each token's gradient of
+        −log p(y) has mean zero, so in E[g gᵀ] of the sequence gradient g = Σ_τ g_τ(y_τ) every
+        cross term τ ≠ τ' vanishes and E[g gᵀ] = Σ_τ Σ_c p_τ(c) g_τ(c) g_τ(c)ᵀ. Each set costs
+        one backward pass, so at most :data:`MAX_EXACT_LABEL_SETS` sets are allowed.
+        """
+        length, vocab = outputs.shape[1] - 1, outputs.shape[-1]
+        if length * vocab > MAX_EXACT_LABEL_SETS:
+            raise InfluenceKitError(
+                f"labels='exact' on a causal language model takes one backward pass per "
+                f"(position, token) pair: {length} x {vocab} = {length * vocab:,} per batch, "
+                f"more than {MAX_EXACT_LABEL_SETS:,}. Use labels='sampled' (n_samples draws "
+                "from the model; the default) for this model.")
+        probs = outputs[:, :-1].detach().softmax(dim=-1, dtype=torch.float64)   # [B, T-1, V]
+        if targets is not None:
+            scored = targets[:, 1:] != IGNORE_INDEX
+            probs = probs * scored[..., None].to(probs.device)
+        size = outputs.shape[0]
+        weights = probs.permute(1, 2, 0).reshape(length * vocab, size)          # [S, B]
+        keep = weights.abs().sum(dim=1) > 0
+        sets = []
+        for s in keep.nonzero()[:, 0].tolist():
+            tau, c = divmod(s, vocab)
+            labels = torch.full((size, length + 1), IGNORE_INDEX, dtype=torch.long,
+                                device=outputs.device)
+            labels[:, tau + 1] = c
+            sets.append(labels)
+        return sets, weights[keep]
 
     def sample_targets(self, outputs, targets, generator):
         """Next tokens drawn from the model at every scored position (``-100`` kept).
