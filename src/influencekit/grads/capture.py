@@ -5,9 +5,11 @@ removes every handle when the block ends, also when it ends with an exception. T
 keeps the module's input and registers a *tensor* hook on the module's output; that tensor hook
 receives ∂(backpropagated scalar)/∂output during backward. Tensor hooks live on the autograd
 graph, not on the module, and they see the gradient of the output as the module returned it even
-when a later in-place operation (``ReLU(inplace=True)``) modifies it. Nothing is replaced,
+when a later in-place operation (``ReLU(inplace=True)``) modifies it. No module is replaced,
 wrapped or edited: the user's modules keep their identity and, after the block, their hook
-dictionaries are as before.
+dictionaries are as before. (With ``probe=True``, as :class:`LayerPass` uses it, the forward
+hook returns the output plus a zero scalar leaf: the same values, and a backward pass can ask
+for the probes' gradients instead of any parameter's.)
 
 Module hooks fire under ``torch.func.functional_call`` (the way the Target calls the model):
 ``functional_call`` swaps parameters for the call and runs ``model(...)`` through the ordinary
