@@ -107,10 +107,20 @@ def make_inverse(target, kind: str, damping, small_block: int):
     return ik.block_diagonal(small, default=ekfac)
 
 
+def cache_config(inverse) -> dict:
+    """The inverse's settings for the cache keys: ``get_config()`` without ``kinds`` when it is
+    None (the default, the layer kinds before ``kinds=`` existed), so that fits and selection
+    scores cached before that setting was added are found again."""
+    config = inverse.get_config()
+    if config.get("kinds", "absent") is None:
+        del config["kinds"]
+    return config
+
+
 def fitted_inverse(target, train, key: str, args, runtime, log, small_block: int):
     """The inverse of ``args.inverse`` fitted on the GGN (cached by model key + settings)."""
     inverse = make_inverse(target, args.inverse, args.damping, small_block)
-    folder = CACHE / f"inverse-{digest(key, inverse.get_config())}"
+    folder = CACHE / f"inverse-{digest(key, cache_config(inverse))}"
     if (folder / "manifest.json").exists():
         log(f"  inverse read from {folder}")
         return ik.storage.load_inverse(folder, target)
@@ -230,7 +240,7 @@ TASKS = {"digits": digits_task, "fashion_head": fashion_head_task, "fashion": fa
 def selection(problem: Problem, selector: str, args, log) -> torch.Tensor:
     """``[n_points, n_train]`` selection scores of the points of BOTH splits (one pass over the
     training data; cached for the cached tasks)."""
-    config = problem.inverse.get_config() if selector == "influence" else None
+    config = cache_config(problem.inverse) if selector == "influence" else None
     folder = CACHE / f"selection-{digest(problem.key, selector, config, args.limit, args.val_points)}"  # noqa: E501
     cacheable = problem.key not in ("digits", "fashion-head")
     if cacheable and (folder / "manifest.json").exists():
