@@ -255,7 +255,22 @@ def selection(problem: Problem, selector: str, args, log) -> torch.Tensor:
     return scores
 
 
+def numbers(text: str, kind=float) -> list:
+    """``"0.01,0.02"`` -> ``[0.01, 0.02]`` (a grid of settings run by one process)."""
+    return [kind(x) for x in str(text).split(",")]
+
+
 def run(problem: Problem, args, log) -> list[dict]:
+    """Every selector at every (lr, k) of the ``--lr`` / ``--k`` lists, one row each."""
+    out = []
+    for lr in numbers(args.lr):
+        for k in numbers(args.k, int):
+            out += run_setting(problem, argparse.Namespace(**{**vars(args), "lr": lr, "k": k}),
+                               log)
+    return out
+
+
+def run_setting(problem: Problem, args, log) -> list[dict]:
     rows = range(len(problem.labels)) if problem.rows is None else problem.rows.tolist()
     rows = list(rows)[:args.points]
     n = len(rows)
@@ -349,9 +364,11 @@ def main():
                         help="correct only the first N points of the split (the selection "
                              "scores and their cache still cover --val-points + --limit)")
     parser.add_argument("--selectors", default=",".join(SELECTORS))
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", default="32", help="examples fine-tuned on; a comma list runs "
+                        "each (one process: the model, inverse and scores are loaded once)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.15)
+    parser.add_argument("--lr", default="0.15", help="step length (normalized) or learning "
+                        "rate; a comma list runs each")
     parser.add_argument("--optimizer", default="normalized", choices=("adam", "sgd", "normalized"))
     parser.add_argument("--params", default="all",
                         help="the layers fine-tuning moves: all (the Target's), fashion: block2, "
