@@ -107,10 +107,20 @@ def make_inverse(target, kind: str, damping, small_block: int):
     return ik.block_diagonal(small, default=ekfac)
 
 
+def cache_config(inverse) -> dict:
+    """The inverse's settings for the cache keys: ``get_config()`` without ``kinds`` when it is
+    None (the default, the layer kinds before ``kinds=`` existed), so that fits and selection
+    scores cached before that setting was added are found again."""
+    config = inverse.get_config()
+    if config.get("kinds", "absent") is None:
+        del config["kinds"]
+    return config
+
+
 def fitted_inverse(target, train, key: str, args, runtime, log, small_block: int):
     """The inverse of ``args.inverse`` fitted on the GGN (cached by model key + settings)."""
     inverse = make_inverse(target, args.inverse, args.damping, small_block)
-    folder = CACHE / f"inverse-{digest(key, inverse.get_config())}"
+    folder = CACHE / f"inverse-{digest(key, cache_config(inverse))}"
     if (folder / "manifest.json").exists():
         log(f"  inverse read from {folder}")
         return ik.storage.load_inverse(folder, target)
@@ -230,7 +240,7 @@ TASKS = {"digits": digits_task, "fashion_head": fashion_head_task, "fashion": fa
 def selection(problem: Problem, selector: str, args, log) -> torch.Tensor:
     """``[n_points, n_train]`` selection scores of the points of BOTH splits (one pass over the
     training data; cached for the cached tasks)."""
-    config = problem.inverse.get_config() if selector == "influence" else None
+    config = cache_config(problem.inverse) if selector == "influence" else None
     folder = CACHE / f"selection-{digest(problem.key, selector, config, args.limit, args.val_points)}"  # noqa: E501
     cacheable = problem.key not in ("digits", "fashion-head")
     if cacheable and (folder / "manifest.json").exists():
@@ -245,7 +255,22 @@ def selection(problem: Problem, selector: str, args, log) -> torch.Tensor:
     return scores
 
 
+def numbers(text: str, kind=float) -> list:
+    """``"0.01,0.02"`` -> ``[0.01, 0.02]`` (a grid of settings run by one process)."""
+    return [kind(x) for x in str(text).split(",")]
+
+
 def run(problem: Problem, args, log) -> list[dict]:
+    """Every selector at every (lr, k) of the ``--lr`` / ``--k`` lists, one row each."""
+    out = []
+    for lr in numbers(args.lr):
+        for k in numbers(args.k, int):
+            out += run_setting(problem, argparse.Namespace(**{**vars(args), "lr": lr, "k": k}),
+                               log)
+    return out
+
+
+def run_setting(problem: Problem, args, log) -> list[dict]:
     rows = range(len(problem.labels)) if problem.rows is None else problem.rows.tolist()
     rows = list(rows)[:args.points]
     n = len(rows)
@@ -339,9 +364,11 @@ def main():
                         help="correct only the first N points of the split (the selection "
                              "scores and their cache still cover --val-points + --limit)")
     parser.add_argument("--selectors", default=",".join(SELECTORS))
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", default="32", help="examples fine-tuned on; a comma list runs "
+                        "each (one process: the model, inverse and scores are loaded once)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.15)
+    parser.add_argument("--lr", default="0.15", help="step length (normalized) or learning "
+                        "rate; a comma list runs each")
     parser.add_argument("--optimizer", default="normalized", choices=("adam", "sgd", "normalized"))
     parser.add_argument("--params", default="all",
                         help="the layers fine-tuning moves: all (the Target's), fashion: block2, "

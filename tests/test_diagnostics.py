@@ -429,3 +429,54 @@ def test_check_time_estimates_scale_with_the_work_they_count():
     lbfgs = est(costs, num_params=3001)["first-order expansion"]
     assert lbfgs < newton / 10
     assert one["training trajectory"] == 0 < est(costs, checkpoints=2)["training trajectory"]
+
+
+def test_check_divergence_takes_examples_its_mini_batches_visit():
+    """With mini-batch continued training, an example that no batch contains cannot move θ:
+    ``parameter_divergence`` warns and its relative error is exactly 1 at every horizon, and
+    ``check`` takes its examples among the visited ones instead (largest |score|), names those
+    it passed over, and its value equals a numpy loop over the same batch schedule."""
+    n, steps, batch = 200, 4, 8
+    target, data = regression(n=n)
+    x, y = data
+    a, yy, theta = design(x), y.numpy()[:, 0], theta_of(target)
+    c = 2 * a.T @ a / n
+    lr = 0.5 / np.linalg.eigvalsh(c)[-1]
+    setup = dg.TrainingSetup(steps=steps, lr=lr, batch_size=batch, seed=0)
+    schedule = [idx.numpy() for idx in ik.response.batch_schedule(n, batch_size=batch, seed=0,
+                                                                   steps=steps)]
+    seen = set(np.concatenate(schedule).tolist())
+    assert dg.visited_examples(n, setup).tolist() == sorted(seen)
+    s = closed_form_scores(x, y, theta, x[:1], y[:1])[0]
+    order = np.argsort(-np.abs(s)).tolist()
+    passed_over = [m for m in order[:2] if m not in seen]
+    assert passed_over, "the toy must have a top-scored example that no batch visits"
+    inverse = exact(target, data, "hessian", 0.0)
+
+    with pytest.warns(UserWarning, match=r"in none of the 4 batches of 8.*at least 25 steps"):
+        vacuous = dg.parameter_divergence(target, inverse, data, (x[:1], y[:1]),
+                                          passed_over[:1], setup)
+    assert torch.equal(vacuous.theta_relative_error(), torch.ones(3, 1, dtype=torch.float64))
+
+    report = dg.check(target, inverse, data, (x[:1], y[:1]), training=setup, examples=2,
+                      include=("parameter divergence",))
+    expected = [m for m in order if m in seen][:2]
+    assert report.context["divergence_examples"] == expected
+    finding = report.get("parameter divergence")
+    assert f"examples {passed_over} of larger |score|" in finding.how
+    assert "at least 25 steps" in finding.how and "batch_size=None" in finding.how
+    errors = []
+    for eps in (1.0, -1.0):
+        for m in expected:
+            w = np.ones(n)
+            w[m] += eps
+            control, weighted = theta.copy(), theta.copy()
+            for idx in schedule:
+                control -= lr * 2 * a[idx].T @ (a[idx] @ control - yy[idx]) / len(idx)
+                weighted -= (lr * 2 * a[idx].T @ (w[idx] * (a[idx] @ weighted - yy[idx]))
+                             / w[idx].sum())
+            g_m = 2 * a[m] * (a[m] @ theta - yy[m])
+            pred = -eps / n * np.linalg.solve(c, g_m)
+            errors.append(np.linalg.norm(weighted - control - pred) / np.linalg.norm(pred))
+    assert min(abs(e - 1.0) for e in errors) > 1e-3        # measured, not the vacuous 1
+    assert finding.value == pytest.approx(np.mean(errors), rel=1e-6)

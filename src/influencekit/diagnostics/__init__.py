@@ -18,10 +18,12 @@ from .divergence import (
                         DivergenceCurve,
                         TrainingSetup,
                         continue_training,
+                        divergence_examples,
                         divergence_finding,
                         group_divergence,
                         horizon_damping,
                         parameter_divergence,
+                        visited_examples,
 )
 from .linearity import linearity_errors, linearity_finding
 from .report import Finding, TrustReport
@@ -42,7 +44,8 @@ __all__ = [
     "solver_residuals", "residual_finding", "method_agreement", "damping_sensitivity",
     "checkpoint_agreement",
     "TrainingSetup", "DivergenceCurve", "continue_training", "parameter_divergence",
-    "group_divergence", "horizon_damping", "divergence_finding",
+    "group_divergence", "horizon_damping", "divergence_finding", "visited_examples",
+    "divergence_examples",
     "linearity_errors", "linearity_finding",
     "stationarity", "Stationarity", "objective_gradient", "fit_stationarity",
     "weighted_objective_gradient",

@@ -14,7 +14,13 @@ from ..task.target import Target
 from .common import scores
 from .convexity import convexity_findings
 from .cost import estimate_seconds, format_seconds, measure_unit_costs
-from .divergence import TrainingSetup, divergence_finding, parameter_divergence
+from .divergence import (
+    TrainingSetup,
+    divergence_examples,
+    divergence_finding,
+    parameter_divergence,
+    unvisited_fix,
+)
 from .linearity import linearity_errors, linearity_finding
 from .report import Finding, TrustReport, skipped
 from .stability import damping_sensitivity, method_agreement, residual_finding, solver_residuals
@@ -86,7 +92,11 @@ def check(target: Target, inverse: InverseCurvature, train, query,
         training: how training continues for "parameter divergence"; default full-batch SGD
             with lr = 1 / λ_max(Hessian) for 64 steps.
         examples: how many training examples (those with the largest |score| for the first
-            query) the divergence and linearity checks re-train for.
+            query) the divergence and linearity checks re-train for. The divergence check
+            takes them among the examples its mini-batches visit (an example never visited
+            would give a vacuous relative error of exactly 1); the examples it passes over are
+            named in the finding's ``how`` and the report's context keeps
+            ``"divergence_examples"``.
         epsilons: weight changes 1 + ε for the linearity check (−1 = removal); the divergence
             check uses ε = +1 and ε = −1.
         include: which assumptions to check (names in ``ALL``).
@@ -141,6 +151,7 @@ def check(target: Target, inverse: InverseCurvature, train, query,
                                     "pass checkpoints=[flat params, ...] to measure it"))
         clock.stop()
     chosen: list[int] = []
+    divergence_chosen: list[int] = []
     if {"parameter divergence", "first-order expansion"} & set(include):
         first = scores(target, inverse, train, query, runtime)[0]
         chosen = torch.topk(first.abs(), min(examples, first.numel())).indices.tolist()
@@ -153,9 +164,15 @@ def check(target: Target, inverse: InverseCurvature, train, query,
                                             dense_max_params=dense_max_params,
                                             steps=lanczos_steps)
             training = TrainingSetup(steps=64, lr=1.0 / max(spectrum.max_eigenvalue, 1e-12))
-        curves = [parameter_divergence(target, inverse, train, query, chosen, training,
-                                       epsilon=e, runtime=runtime) for e in (1.0, -1.0)]
-        findings.append(divergence_finding(curves))
+        divergence_chosen, passed_over = divergence_examples(first, training, examples)
+        note = "" if not passed_over else (
+            f"examples {passed_over} of larger |score| are in none of the {training.steps} "
+            f"batches of {training.batch_size} and were passed over (re-weighting them would "
+            f"change nothing); to measure them, {unvisited_fix(first.numel(), training)}")
+        curves = [parameter_divergence(target, inverse, train, query, divergence_chosen,
+                                       training, epsilon=e, runtime=runtime)
+                  for e in (1.0, -1.0)]
+        findings.append(divergence_finding(curves, note=note))
         clock.stop()
     if "first-order expansion" in include:
         clock.start("first-order expansion")
@@ -164,7 +181,8 @@ def check(target: Target, inverse: InverseCurvature, train, query,
         clock.stop()
     context = {"inverse": inverse.get_config(), "kind": inverse.fit_info_["kind"],
                "damping": inverse.damping_, "num_params": target.num_params,
-               "examples": chosen, "estimated_seconds": estimates,
+               "examples": chosen, "divergence_examples": divergence_chosen,
+               "estimated_seconds": estimates,
                "seconds": clock.seconds}
     return TrustReport(findings, context)
 

@@ -16,6 +16,7 @@ normalisation as the training objective of the conventions table).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -129,6 +130,35 @@ def schedule_of(n: int, setup: TrainingSetup) -> list[torch.Tensor]:
     return batch_schedule(n, batch_size=setup.batch_size, seed=setup.seed, steps=setup.steps)
 
 
+def visited_examples(n: int, setup: TrainingSetup) -> torch.Tensor:
+    """Sorted indices ``[V]`` of the training examples that the ``setup.steps`` batches of
+    continued training contain (all n for full-batch steps). Re-weighting an example outside
+    them changes nothing: its real change is exactly 0, its relative error exactly 1."""
+    return torch.unique(torch.cat(schedule_of(n, setup)))
+
+
+def unvisited_fix(n: int, setup: TrainingSetup) -> str:
+    """What to change so that continued training visits every example (for messages)."""
+    needed = -(-n // setup.batch_size) if setup.batch_size else 1
+    return (f"continue training for at least {needed} steps (n / batch_size = {n} / "
+            f"{setup.batch_size}) or with full-batch steps (batch_size=None), or re-weight "
+            f"examples it visits (ik.diagnostics.visited_examples)")
+
+
+def divergence_examples(scores: torch.Tensor, setup: TrainingSetup,
+                        examples: int) -> tuple[list[int], list[int]]:
+    """The ``examples`` training examples of largest |score| (``scores [n]``) among those that
+    continued training visits, and those of the overall top ``examples`` it never visits
+    (passed over: their divergence would be vacuous)."""
+    n = scores.numel()
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[visited_examples(n, setup)] = True
+    order = torch.argsort(scores.abs(), descending=True)
+    chosen = order[seen[order]][:examples].tolist()
+    passed_over = [m for m in order[:examples].tolist() if not seen[m]]
+    return chosen, passed_over
+
+
 def continue_training(target: Target, train_data, weights: torch.Tensor, setup: TrainingSetup,
                       record_at: list[int], runtime: Runtime | None = None,
                       init: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,6 +216,7 @@ def group_divergence(target: Target, inverses: Sequence[InverseCurvature], train
         raise InfluenceKitError(f"a group index is outside the training data (n = {n})")
     for inverse in inverses:
         check_inverse(target, inverse)
+    warn_unvisited(groups, n, setup)
     horizons = setup.horizons()
     g_query = torch.cat([g for _, g in iter_gradients(target, query, runtime, of="measurement",
                                                       desc="query gradients")]).double()
@@ -220,6 +251,19 @@ def group_divergence(target: Target, inverses: Sequence[InverseCurvature], train
             for i, (inverse, pred) in enumerate(zip(inverses, pred_theta, strict=True))]
 
 
+def warn_unvisited(groups: list[list[int]], n: int, setup: TrainingSetup) -> None:
+    """Warn about groups none of whose examples the continued training visits (vacuous)."""
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[visited_examples(n, setup)] = True
+    never = [j for j, group in enumerate(groups) if not seen[group].any()]
+    if never:
+        warnings.warn(
+            f"{len(never)} of {len(groups)} re-weighted examples or groups (positions {never}) "
+            f"are in none of the {setup.steps} batches of {setup.batch_size} of continued "
+            f"training: re-weighting them changes nothing (real change 0, relative error "
+            f"exactly 1). To measure them, {unvisited_fix(n, setup)}.", stacklevel=3)
+
+
 def group_gradient(target: Target, train, group: list[int], runtime: Runtime) -> torch.Tensor:
     """Σ_{m∈group} g_m ``[p]`` float64 (g_m = ∇ℓ_m + ∇R, as :class:`Influence` scores)."""
     chosen = take(train, group, runtime, "training data")
@@ -241,13 +285,14 @@ def check_inverse(target: Target, inverse: InverseCurvature) -> None:
 
 
 def divergence_finding(curves: list[DivergenceCurve], *, pass_max: float = 0.25,
-                       warn_max: float = 1.0) -> Finding:
+                       warn_max: float = 1.0, note: str = "") -> Finding:
     """Verdict on the mean ‖Δθ_real − Δθ_pred‖/‖Δθ_pred‖ at the end of training (last horizon),
-    over the examples and the ε of ``curves``."""
+    over the examples and the ε of ``curves``; ``note`` is appended to how it was measured."""
     last = [float(c.theta_relative_error()[-1].mean()) for c in curves]
     value = nanmean(last)
     verdict, rule = judge_at_most(value, pass_max, warn_max)
     details = {f"epsilon={c.epsilon:g}": c.to_table() for c in curves}
     return Finding(ASSUMPTION, "parameter divergence", value, verdict, rule,
                    f"mean relative error of the parameter change after {curves[0].horizons[-1]} "
-                   f"steps of continued training, examples {curves[0].indices}", details)
+                   f"steps of continued training, examples {curves[0].indices}"
+                   + (f"; {note}" if note else ""), details)
